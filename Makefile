@@ -1,0 +1,42 @@
+# The few targets people type. Each one sets itself up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# pip's find-links index on this machine is noisy about missing mirror folders.
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+
+.PHONY: install run test lint format build bench-tokenizer clean
+
+install: $(STAMP)
+
+# torch first and pinned, so nothing pulls a CUDA build; then the project with its extras.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PIP) -e '.[dev,loadtest]' 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -c "import torch, onerec, faiss, grpc, tritonclient.grpc, onnxruntime"
+	touch $(STAMP)
+
+# Until the server exists: build the default synthetic data set and tokenizer, print a summary.
+run: install
+	$(BIN)/onerec build
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench-tokenizer: install
+	$(BIN)/onerec bench tokenizer --items 100000 --codebook-size 256
+
+clean:
+	rm -rf artifacts reports .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Online gRPC front end (arrives with the front-end issue)."""
