@@ -1,0 +1,228 @@
+"""The ``onerec`` command line: data sets, tokenizer, the offline build and benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from onerec.data.loaders import load_source
+from onerec.data.schema import DataError, Dataset
+from onerec.data.synthetic import SyntheticConfig, generate
+from onerec.embeddings import item_embeddings
+from onerec.semantic_ids import tokenize_dataset
+from onerec.tokenizer import SemanticTokenizer, TokenizerConfig, collision_stats
+
+console = Console()
+
+
+def _add_synthetic_knobs(p: argparse.ArgumentParser) -> None:
+    defaults = SyntheticConfig()
+    p.add_argument("--users", type=int, default=defaults.n_users)
+    p.add_argument("--items", type=int, default=defaults.n_items)
+    p.add_argument("--max-history", type=int, default=defaults.max_history)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+
+
+def _add_tokenizer_knobs(p: argparse.ArgumentParser) -> None:
+    defaults = TokenizerConfig()
+    p.add_argument("--levels", type=int, default=defaults.levels)
+    p.add_argument("--codebook-size", type=int, default=defaults.codebook_size)
+    p.add_argument("--iters", type=int, default=defaults.iters)
+
+
+def _synthetic_config(args: argparse.Namespace) -> SyntheticConfig:
+    return SyntheticConfig(
+        n_users=args.users, n_items=args.items, max_history=args.max_history, seed=args.seed
+    )
+
+
+def _tokenizer_config(args: argparse.Namespace) -> TokenizerConfig:
+    return TokenizerConfig(
+        levels=args.levels, codebook_size=args.codebook_size, iters=args.iters, seed=args.seed
+    )
+
+
+def _print_dataset(ds: Dataset) -> None:
+    table = Table(title=f"data set: {ds.name}")
+    table.add_column("field")
+    table.add_column("value", justify="right")
+    for key, value in ds.summary().items():
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+    console.print(table)
+
+
+def _print_tokenizer(stats: dict) -> None:
+    table = Table(title="RQ-KMeans semantic IDs")
+    for col in ("level", "cluster min", "cluster max", "capacity", "quantisation error"):
+        table.add_column(col, justify="right")
+    for lv in stats["levels"]:
+        table.add_row(
+            str(lv["level"]),
+            str(lv["cluster_min"]),
+            str(lv["cluster_max"]),
+            str(lv["capacity"]),
+            f"{lv['quantisation_error']:.4f}",
+        )
+    console.print(table)
+    console.print(
+        f"items {stats['items']:,}  unique SIDs {stats['unique_sids']:,}  "
+        f"collision rate {stats['collision_rate']:.4%}  "
+        f"max items per SID {stats['max_items_per_sid']}  "
+        f"input energy {stats['input_energy']:.4f}  time {stats['seconds']:.1f}s"
+    )
+
+
+def _load_or_make(source: str, data_dir: Path, args: argparse.Namespace) -> Dataset:
+    if (data_dir / "meta.json").is_file() and not args.force:
+        console.print(f"reusing data set in {data_dir} (--force rebuilds)")
+        return Dataset.load(data_dir)
+    started = time.perf_counter()
+    ds = (
+        generate(_synthetic_config(args), progress=True)
+        if source == "synthetic"
+        else load_source(source)
+    )
+    ds.save(data_dir)
+    console.print(f"built data set {ds.name} in {time.perf_counter() - started:.1f}s -> {data_dir}")
+    return ds
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    """The offline pipeline as far as it goes: data set -> embeddings -> semantic IDs."""
+    out = Path(
+        args.out
+        or f"artifacts/{'synthetic' if args.source == 'synthetic' else Path(args.source).name}"
+    )
+    started = time.perf_counter()
+    ds = _load_or_make(args.source, out / "data", args)
+    _print_dataset(ds)
+    tok_dir = out / "tokenizer"
+    if (tok_dir / "tokenizer.json").is_file() and not args.force:
+        stats = json.loads((tok_dir / "tokenizer.json").read_text())
+        console.print(f"reusing tokenizer in {tok_dir} (--force rebuilds)")
+    else:
+        stats = tokenize_dataset(ds, tok_dir, _tokenizer_config(args))
+    _print_tokenizer(stats)
+    console.print(
+        f"[bold]build done[/] in {time.perf_counter() - started:.1f}s: artefacts in {out}"
+    )
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    ds = generate(_synthetic_config(args), progress=True)
+    ds.save(args.out)
+    _print_dataset(ds)
+    console.print(f"written to {args.out} in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def cmd_data_load(args: argparse.Namespace) -> int:
+    ds = load_source(args.source)
+    if args.out:
+        ds.save(args.out)
+    _print_dataset(ds)
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    ds = load_source(args.data)
+    stats = tokenize_dataset(ds, args.out, _tokenizer_config(args))
+    _print_tokenizer(stats)
+    return 0
+
+
+def cmd_bench_tokenizer(args: argparse.Namespace) -> int:
+    """Printed, not asserted: embeddings and RQ-KMeans for a synthetic catalog of N items."""
+    started = time.perf_counter()
+    ds = generate(
+        SyntheticConfig(
+            n_users=args.users, n_items=args.items, max_history=args.max_history, seed=args.seed
+        )
+    )
+    data_s = time.perf_counter() - started
+    started = time.perf_counter()
+    _, x = item_embeddings(ds.item_content, ds.user_index(), ds.item_index(), seed=args.seed)
+    embed_s = time.perf_counter() - started
+    cfg = _tokenizer_config(args)
+    started = time.perf_counter()
+    _, codes, stats = SemanticTokenizer.fit(x, cfg)
+    stats["seconds"] = time.perf_counter() - started
+    stats.update(collision_stats(codes))
+    _print_tokenizer(stats)
+    console.print(
+        f"{len(ds.events):,} events: data {data_s:.1f}s, embeddings {embed_s:.1f}s; "
+        f"tokenizer for {args.items:,} items x {x.shape[1]} dims, K={cfg.codebook_size}: "
+        f"[bold]{stats['seconds']:.1f}s[/]"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onerec", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build", help="build the served artefacts from a data set")
+    p.add_argument("--source", default="synthetic", help="'synthetic' or a path a loader reads")
+    p.add_argument("--out", help="artefact directory (default artifacts/<name>)")
+    p.add_argument("--force", action="store_true", help="rebuild even if artefacts exist")
+    _add_synthetic_knobs(p)
+    _add_tokenizer_knobs(p)
+    p.set_defaults(func=cmd_build)
+
+    data = sub.add_parser("data", help="make or convert data sets").add_subparsers(
+        dest="data_command", required=True
+    )
+    p = data.add_parser("synth", help="generate the synthetic data set")
+    p.add_argument("--out", required=True)
+    _add_synthetic_knobs(p)
+    p.set_defaults(func=cmd_data_synth)
+    p = data.add_parser("load", help="read MovieLens, KuaiRand or a saved set; optionally save it")
+    p.add_argument("source")
+    p.add_argument("--out")
+    p.set_defaults(func=cmd_data_load)
+
+    p = sub.add_parser("tokenize", help="fit item embeddings and RQ-KMeans semantic IDs")
+    p.add_argument("data", help="a data set directory or raw source")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    _add_tokenizer_knobs(p)
+    p.set_defaults(func=cmd_tokenize)
+
+    bench = sub.add_parser("bench", help="printed benchmarks").add_subparsers(
+        dest="bench_command", required=True
+    )
+    p = bench.add_parser("tokenizer", help="time RQ-KMeans on a synthetic catalog of N items")
+    p.add_argument("--items", type=int, default=100_000)
+    p.add_argument("--users", type=int, default=5_000)
+    p.add_argument("--max-history", type=int, default=20_000)
+    p.add_argument("--seed", type=int, default=0)
+    _add_tokenizer_knobs(p)
+    p.set_defaults(func=cmd_bench_tokenizer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except DataError as err:
+        console.print(f"[red]data error:[/] {err}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The offline step from a data set to semantic IDs, and the files it leaves behind.
+
+``tokenize_dataset`` fits item embeddings and the RQ-KMeans tokenizer on a data set and
+writes, into one directory:
+
+* ``embedder.npz``   -- the :class:`~onerec.embeddings.ItemEmbedder` (content PCA);
+* ``codebooks.npz``  -- the :class:`~onerec.tokenizer.SemanticTokenizer`;
+* ``item_sids.parquet`` -- item_id, sid_0..sid_{L-1}, collision_rank, popularity;
+* ``tokenizer.json`` -- cluster sizes, quantisation error and collision statistics.
+
+``tokenize_new_items`` is what a live catalog update calls: saved embedder and codebooks,
+no retraining.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from onerec.data.schema import Dataset
+from onerec.embeddings import ItemEmbedder, item_embeddings
+from onerec.tokenizer import SemanticTokenizer, TokenizerConfig, collision_ranks, collision_stats
+
+
+@dataclass
+class ItemSIDs:
+    """Every item's SID and its rank among the items that share it."""
+
+    item_ids: np.ndarray  # (N,) str
+    codes: np.ndarray  # (N, L) int
+    collision_rank: np.ndarray  # (N,) int, 0 = the SID's primary item
+    popularity: np.ndarray  # (N,) interaction count
+
+    def to_frame(self) -> pd.DataFrame:
+        frame = pd.DataFrame({"item_id": self.item_ids})
+        for level in range(self.codes.shape[1]):
+            frame[f"sid_{level}"] = self.codes[:, level].astype(np.int32)
+        frame["collision_rank"] = self.collision_rank.astype(np.int32)
+        frame["popularity"] = self.popularity.astype(np.int64)
+        return frame
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> ItemSIDs:
+        levels = sorted(c for c in frame.columns if c.startswith("sid_"))
+        return cls(
+            frame["item_id"].astype(str).to_numpy(),
+            frame[levels].to_numpy(np.int64),
+            frame["collision_rank"].to_numpy(np.int64),
+            frame["popularity"].to_numpy(np.int64),
+        )
+
+
+def tokenize_dataset(
+    ds: Dataset, out: str | Path, config: TokenizerConfig | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Fit embeddings and tokenizer on ``ds``, write the artefacts, return the statistics."""
+    cfg = config or TokenizerConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    embedder, embeddings = item_embeddings(
+        ds.item_content, ds.user_index(), ds.item_index(), seed=cfg.seed
+    )
+    embed_s = time.perf_counter() - started
+    tokenizer, codes, stats = SemanticTokenizer.fit(embeddings, cfg, progress=progress)
+    popularity = np.bincount(ds.item_index(), minlength=ds.n_items)
+    sids = ItemSIDs(
+        ds.items["item_id"].astype(str).to_numpy(),
+        codes,
+        collision_ranks(codes, popularity),
+        popularity,
+    )
+
+    embedder.save(out / "embedder.npz")
+    tokenizer.save(out / "codebooks.npz")
+    sids.to_frame().to_parquet(out / "item_sids.parquet", index=False)
+    stats.update(collision_stats(codes))
+    stats.update(
+        {
+            "config": asdict(cfg),
+            "embedding_dim": embedder.dim,
+            "embedding_seconds": round(embed_s, 3),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+    )
+    (out / "tokenizer.json").write_text(json.dumps(stats, indent=2))
+    return stats
+
+
+def load_item_sids(directory: str | Path) -> ItemSIDs:
+    return ItemSIDs.from_frame(pd.read_parquet(Path(directory) / "item_sids.parquet"))
+
+
+def tokenize_new_items(directory: str | Path, content: np.ndarray) -> np.ndarray:
+    """(N, L) SIDs for new items from their content vectors, with the saved artefacts."""
+    directory = Path(directory)
+    embedder = ItemEmbedder.load(directory / "embedder.npz")
+    tokenizer = SemanticTokenizer.load(directory / "codebooks.npz")
+    return tokenizer.encode(embedder.embed(content))
