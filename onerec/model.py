@@ -1,0 +1,472 @@
+"""The OneRec encoder-decoder, in one file: four user pathways in, 3-level semantic IDs out.
+
+Read top to bottom:
+
+* :class:`OneRecConfig` -- the single source of sizes (and of the FLOP count).
+* Building blocks: :class:`Attention`, :class:`FeedForward`, :class:`MoE`.
+* :class:`PathwayEncoder` -- static, short-term, positive-feedback and lifelong pathways;
+  the lifelong one is compressed offline/online by :mod:`onerec.lifelong` and then
+  reduced by a QFormer (:class:`QFormer`) to ``n_queries`` tokens.
+* :class:`SIDDecoder` -- BOS + one embedding table per SID level; causal self-attention,
+  cross-attention to the encoder and a mixture-of-experts FFN; one head per level.
+* :func:`flops_per_request` -- matmul FLOPs of one request from the config alone.
+
+Token inputs use index 0 for padding; item index ``i`` of the catalog is ``i + 1`` and
+``n_items + 1`` stands for an item the model has never seen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+N_FLAGS = 6  # click, like, follow, comment, forward, hate (schema order)
+N_GAP_BUCKETS = 33  # 0 = pad, then floor(log2(1 + seconds before the request)) + 1, up to 32
+N_WATCH_BUCKETS = 10  # 0 = pad, then the watch ratio in tenths up to 0.8, then "> 0.8"
+N_WEIGHT_BUCKETS = 18  # 0 = pad, then floor(log2(cluster size)) + 1
+
+
+@dataclass
+class OneRecConfig:
+    """Every size the model has. ``static_cardinalities`` comes from the data set."""
+
+    n_items: int
+    static_cardinalities: tuple[int, ...] = ()
+    item_vector_dim: int = 64  # frozen content+collaborative item embedding (tokenizer input)
+    n_authors: int = 1
+    n_tags: int = 1
+    sid_levels: int = 3
+    codebook_size: int = 256
+    d_model: int = 128
+    n_heads: int = 4
+    d_ff: int = 256
+    n_static_tokens: int = 2
+    short_len: int = 20
+    positive_len: int = 256
+    lifelong_len: int = 2000
+    n_queries: int = 128
+    qformer_blocks: int = 2
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    n_experts: int = 4
+    top_k: int = 2
+    d_expert: int = 256
+    dropout: float = 0.1
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def encoder_len(self) -> int:
+        return self.n_static_tokens + self.short_len + self.positive_len + self.n_queries
+
+
+class Attention(nn.Module):
+    """Multi-head attention; keys/values may come precomputed (shared across beams)."""
+
+    def __init__(self, cfg: OneRecConfig) -> None:
+        super().__init__()
+        self.h, self.dh = cfg.n_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.d_model, cfg.d_model)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, _ = memory.shape
+        k, v = self.kv(memory).view(b, t, 2, self.h, self.dh).permute(2, 0, 3, 1, 4)
+        return k, v  # each (B, h, T, dh)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        k, v = kv
+        # Queries of W beams share one user's keys: fold beams into the query length.
+        q = self.q(x).view(k.shape[0], -1, self.h, self.dh).transpose(1, 2)  # (Bk, h, W*t, dh)
+        # Plain matmuls rather than SDPA: they export to ONNX as-is and the FLOP counter
+        # sees them (CPU SDPA kernels are invisible to it).
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.dh)  # (Bk, h, Nq, T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        if causal:
+            n = scores.shape[-1]
+            future = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        y = self.drop(scores.softmax(-1)) @ v  # (Bk, h, Nq, dh)
+        return self.out(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.up = nn.Linear(d_model, d_ff)
+        self.down = nn.Linear(d_ff, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.down(F.gelu(self.up(x))))
+
+
+class MoE(nn.Module):
+    """Top-k mixture of experts with loss-free load balancing (a routing bias).
+
+    The bias only shifts which experts are *chosen*; gates come from the unbiased scores.
+    After each training step :meth:`update_bias` nudges under-used experts up and
+    over-used ones down, as in DeepSeek-V3 / OneRec, so no auxiliary loss is needed.
+    """
+
+    def __init__(self, cfg: OneRecConfig) -> None:
+        super().__init__()
+        self.k = cfg.top_k
+        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(
+            FeedForward(cfg.d_model, cfg.d_expert, cfg.dropout) for _ in range(cfg.n_experts)
+        )
+        self.register_buffer("bias", torch.zeros(cfg.n_experts))
+        self.register_buffer("load", torch.zeros(cfg.n_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, d)
+        scores = torch.sigmoid(self.router(x))  # (N, E)
+        _, chosen = torch.topk(scores + self.bias, self.k, dim=-1)  # (N, k)
+        gates = torch.gather(scores, 1, chosen)
+        gates = gates / gates.sum(-1, keepdim=True)
+        if self.training:
+            self.load += torch.bincount(chosen.flatten(), minlength=len(self.experts)).float()
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):  # a loop over E experts, not over tokens
+            rows, slot = torch.nonzero(chosen == e, as_tuple=True)
+            out.index_add_(0, rows, gates[rows, slot, None] * expert(x[rows]))
+        return out.view(shape)
+
+    @torch.no_grad()
+    def update_bias(self, rate: float = 1e-3) -> None:
+        if self.load.sum() > 0:
+            self.bias += rate * torch.sign(self.load.mean() - self.load)
+            self.load.zero_()
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: OneRecConfig) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.attn(h, self.attn.keys_values(h), mask)
+        return x + self.ffn(self.ln2(x))
+
+
+class QFormer(nn.Module):
+    """``n_queries`` learned queries cross-attend to the lifelong items: (B, L, d) -> (B, Q, d)."""
+
+    def __init__(self, cfg: OneRecConfig) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(cfg.n_queries, cfg.d_model) * 0.02)
+        self.blocks = nn.ModuleList(_QFormerBlock(cfg) for _ in range(cfg.qformer_blocks))
+
+    def forward(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = self.queries.expand(items.shape[0], -1, -1)
+        for block in self.blocks:
+            q = block(q, items, mask)
+        return q
+
+
+class _QFormerBlock(nn.Module):
+    def __init__(self, cfg: OneRecConfig) -> None:
+        super().__init__()
+        self.ln_q, self.ln_kv, self.ln_ff = (nn.LayerNorm(cfg.d_model) for _ in range(3))
+        self.cross = Attention(cfg)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+
+    def forward(self, q: torch.Tensor, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = q + self.cross(self.ln_q(q), self.cross.keys_values(self.ln_kv(items)), mask)
+        return q + self.ffn(self.ln_ff(q))
+
+
+class PathwayEncoder(nn.Module):
+    """Static, short-term, positive-feedback and lifelong pathways -> (B, T_enc, d)."""
+
+    def __init__(
+        self,
+        cfg: OneRecConfig,
+        item_vectors: torch.Tensor,
+        item_author: torch.Tensor,
+        item_tag: torch.Tensor,
+    ) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.cfg = cfg
+        # Frozen per-item side information, indexed by token id (0 = pad, n+1 = unknown).
+        self.register_buffer("item_vectors", item_vectors.float())
+        self.register_buffer("item_author", item_author.long())
+        self.register_buffer("item_tag", item_tag.long())
+        self.item = nn.Embedding(cfg.n_items + 2, d, padding_idx=0)
+        self.item_proj = nn.Linear(cfg.item_vector_dim, d)
+        self.author = nn.Embedding(cfg.n_authors + 1, d)
+        self.tag = nn.Embedding(cfg.n_tags + 1, d)
+        self.gap = nn.Embedding(N_GAP_BUCKETS, d)
+        self.watch = nn.Embedding(N_WATCH_BUCKETS, d)
+        self.weight = nn.Embedding(N_WEIGHT_BUCKETS, d)
+        self.flags = nn.Linear(N_FLAGS, d)
+        self.static = nn.ModuleList(nn.Embedding(c, d) for c in cfg.static_cardinalities)
+        self.static_proj = nn.Linear(
+            max(1, len(cfg.static_cardinalities)) * d, cfg.n_static_tokens * d
+        )
+        self.pos_short = nn.Embedding(cfg.short_len, d)
+        self.pos_positive = nn.Embedding(cfg.positive_len, d)
+        self.pathway = nn.Embedding(4, d)  # static, short-term, positive, lifelong
+        self.qformer = QFormer(cfg)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.ln = nn.LayerNorm(d)
+
+    def _items(self, ids: torch.Tensor) -> torch.Tensor:
+        return (
+            self.item(ids)
+            + self.item_proj(self.item_vectors[ids])
+            + self.author(self.item_author[ids])
+            + self.tag(self.item_tag[ids])
+        )
+
+    def _events(
+        self, ids: torch.Tensor, gap: torch.Tensor, watch: torch.Tensor, flags: torch.Tensor
+    ) -> torch.Tensor:
+        return self._items(ids) + self.gap(gap) + self.watch(watch) + self.flags(flags)
+
+    def forward(
+        self,
+        static: torch.Tensor,  # (B, F) int
+        short_items: torch.Tensor,  # (B, S) int, S <= short_len
+        short_gap: torch.Tensor,
+        short_watch: torch.Tensor,
+        short_flags: torch.Tensor,  # (B, S, 6) float
+        pos_items: torch.Tensor,  # (B, P) int, P <= positive_len
+        pos_gap: torch.Tensor,
+        pos_watch: torch.Tensor,
+        pos_flags: torch.Tensor,
+        life_items: torch.Tensor,  # (B, L) int, L <= lifelong_len
+        life_gap: torch.Tensor,
+        life_weight: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the encoder output (B, T, d) and its key-padding mask (B, T), True = keep."""
+        b = static.shape[0]
+        cfg = self.cfg
+        if len(self.static):
+            feats = torch.cat([emb(static[:, i]) for i, emb in enumerate(self.static)], dim=-1)
+        else:
+            feats = torch.zeros(b, cfg.d_model, device=static.device)
+        st = self.static_proj(feats).view(b, cfg.n_static_tokens, cfg.d_model)  # (B, n_static, d)
+        short = self._events(short_items, short_gap, short_watch, short_flags)
+        short = short + self.pos_short(torch.arange(short.shape[1], device=short.device))
+        pos = self._events(pos_items, pos_gap, pos_watch, pos_flags)
+        pos = pos + self.pos_positive(torch.arange(pos.shape[1], device=pos.device))
+        life_tokens = (
+            self._items(life_items) + self.gap(life_gap) + self.weight(life_weight)
+        )  # (B, L, d)
+        # Queries of a user with no lifelong items attend to the first (pad) token alone.
+        life_keep = life_items > 0
+        life_keep[:, 0] |= ~life_keep.any(1)
+        life = self.qformer(life_tokens, life_keep[:, None, None, :])  # (B, Q, d)
+
+        x = torch.cat(
+            [
+                st + self.pathway.weight[0],
+                short + self.pathway.weight[1],
+                pos + self.pathway.weight[2],
+                life + self.pathway.weight[3],
+            ],
+            dim=1,
+        )  # (B, T, d)
+        keep = torch.cat(
+            [
+                torch.ones(b, cfg.n_static_tokens, dtype=torch.bool, device=x.device),
+                short_items > 0,
+                pos_items > 0,
+                torch.ones(b, life.shape[1], dtype=torch.bool, device=x.device),
+            ],
+            dim=1,
+        )  # (B, T)
+        mask = keep[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.ln(x), keep
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: OneRecConfig) -> None:
+        super().__init__()
+        self.ln1, self.ln2, self.ln3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
+        self.self_attn = Attention(cfg)
+        self.cross = Attention(cfg)
+        self.moe = MoE(cfg)
+
+    def forward(
+        self, x: torch.Tensor, cross_kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+    ) -> torch.Tensor:
+        b, w, t, d = x.shape  # beams of one user share its cross-attention keys/values
+        h = self.ln1(x).view(b * w, t, d)
+        x = x + self.self_attn(h, self.self_attn.keys_values(h), causal=True).view(b, w, t, d)
+        x = x + self.cross(self.ln2(x).view(b, w * t, d), cross_kv, mask).view(b, w, t, d)
+        return x + self.moe(self.ln3(x))
+
+
+class SIDDecoder(nn.Module):
+    """Generates SID levels from BOS; cross-attention K/V are computed once per user."""
+
+    def __init__(self, cfg: OneRecConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.bos = nn.Parameter(torch.randn(cfg.d_model) * 0.02)
+        self.codes = nn.ModuleList(
+            nn.Embedding(cfg.codebook_size, cfg.d_model) for _ in range(cfg.sid_levels)
+        )
+        self.pos = nn.Embedding(cfg.sid_levels, cfg.d_model)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        self.ln = nn.LayerNorm(cfg.d_model)
+        self.heads = nn.ModuleList(
+            nn.Linear(cfg.d_model, cfg.codebook_size) for _ in range(cfg.sid_levels)
+        )
+
+    def cross_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer cross-attention keys/values of the encoder output: once per request."""
+        return [layer.cross.keys_values(memory) for layer in self.layers]
+
+    def hidden(
+        self,
+        tokens: torch.Tensor,
+        cross_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        keep: torch.Tensor,
+    ) -> torch.Tensor:
+        """tokens (B, W, t) SID prefixes -> hidden states (B, W, t+1, d) at BOS and each token."""
+        b, w, t = tokens.shape
+        x = self.bos.expand(b, w, 1, -1)
+        if t:
+            emb = torch.stack(
+                [self.codes[i](tokens[..., i]) for i in range(t)], dim=2
+            )  # (B, W, t, d)
+            x = torch.cat([x, emb], dim=2)
+        x = x + self.pos.weight[: t + 1]
+        mask = keep[:, None, None, :]
+        for layer, kv in zip(self.layers, cross_kv, strict=True):
+            x = layer(x, kv, mask)
+        return self.ln(x)
+
+    def step(
+        self,
+        tokens: torch.Tensor,
+        cross_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        keep: torch.Tensor,
+    ) -> torch.Tensor:
+        """Log-probabilities (B, W, K) of the next level given prefixes (B, W, t)."""
+        t = tokens.shape[-1]
+        h = self.hidden(tokens, cross_kv, keep)[:, :, -1]  # (B, W, d)
+        return F.log_softmax(self.heads[t](h), dim=-1)
+
+
+class OneRec(nn.Module):
+    """Encoder + decoder, with the teacher-forced training loss."""
+
+    def __init__(
+        self,
+        cfg: OneRecConfig,
+        item_vectors: torch.Tensor,
+        item_author: torch.Tensor,
+        item_tag: torch.Tensor,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = PathwayEncoder(cfg, item_vectors, item_author, item_tag)
+        self.decoder = SIDDecoder(cfg)
+
+    def loss(self, inputs: dict[str, torch.Tensor], target_sids: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over the SID levels of the targets (B, L)."""
+        memory, keep = self.encoder(**inputs)
+        kv = self.decoder.cross_kv(memory)
+        h = self.decoder.hidden(target_sids[:, None, :-1], kv, keep)[:, 0]  # (B, L, d)
+        losses = [
+            F.cross_entropy(self.decoder.heads[i](h[:, i]), target_sids[:, i])
+            for i in range(self.cfg.sid_levels)
+        ]
+        return torch.stack(losses).mean()
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.moe for layer in self.decoder.layers]
+
+
+def _linear(n: int, d_in: int, d_out: int) -> int:
+    return 2 * n * d_in * d_out
+
+
+def _attention(nq: int, nk: int, d: int) -> int:
+    return 2 * 2 * nq * nk * d  # scores and weighted sum
+
+
+def flops_per_request(cfg: OneRecConfig, beam_width: int, lifelong_items: int | None = None) -> int:
+    """Matmul FLOPs of one request: the encoder once, then each SID level for ``beam_width`` beams.
+
+    Counts what the implementation executes (no KV cache in self-attention: step ``t``
+    recomputes ``t + 1`` positions; cross-attention K/V once per request). Embedding
+    lookups and element-wise work are not counted, as is usual for MFU.
+    """
+    d, ff = cfg.d_model, cfg.d_ff
+    n_life = cfg.lifelong_len if lifelong_items is None else lifelong_items
+    t_enc = cfg.encoder_len
+    f = _linear(1, max(1, len(cfg.static_cardinalities)) * d, cfg.n_static_tokens * d)
+    n_events = cfg.short_len + cfg.positive_len
+    f += _linear(n_events + n_life, cfg.item_vector_dim, d)  # item vector projection
+    f += _linear(n_events, N_FLAGS, d)
+    q = cfg.n_queries
+    f += cfg.qformer_blocks * (
+        _linear(q, d, d)
+        + _linear(n_life, d, 2 * d)
+        + _attention(q, n_life, d)
+        + _linear(q, d, d)
+        + 2 * _linear(q, d, ff)
+    )
+    f += cfg.encoder_layers * (
+        _linear(t_enc, d, 3 * d)
+        + _attention(t_enc, t_enc, d)
+        + _linear(t_enc, d, d)
+        + 2 * _linear(t_enc, d, ff)
+    )
+    f += cfg.decoder_layers * _linear(t_enc, d, 2 * d)  # cross K/V, once
+    for level in range(cfg.sid_levels):
+        n = beam_width * (level + 1)  # positions computed this step
+        per_layer = (
+            _linear(n, d, 3 * d)
+            + beam_width * _attention(level + 1, level + 1, d)
+            + _linear(n, d, d)
+            + _linear(n, d, d)  # cross-attention queries
+            + _attention(n, t_enc, d)
+            + _linear(n, d, d)
+            + _linear(n, d, cfg.n_experts)
+            + cfg.top_k * 2 * _linear(n, d, cfg.d_expert)
+        )
+        f += cfg.decoder_layers * per_layer
+        f += _linear(beam_width, d, cfg.codebook_size)
+    return int(f)
+
+
+def estimate_mfu(
+    cfg: OneRecConfig, beam_width: int, requests_per_second: float, peak_flops: float
+) -> float:
+    """Model FLOPs utilisation: achieved FLOP rate over the machine's peak."""
+    return (
+        flops_per_request(cfg, beam_width) * requests_per_second / peak_flops
+        if peak_flops > 0
+        else math.nan
+    )

@@ -1,0 +1,150 @@
+"""The OneRec model: shapes, padding, MoE balancing, and FLOPs that MFU relies on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from onerec.model import N_FLAGS, OneRec, OneRecConfig, flops_per_request
+
+
+def _model(cfg: OneRecConfig, seed: int = 0) -> OneRec:
+    torch.manual_seed(seed)
+    n = cfg.n_items + 2
+    return OneRec(
+        cfg,
+        item_vectors=torch.randn(n, cfg.item_vector_dim),
+        item_author=torch.randint(0, cfg.n_authors + 1, (n,)),
+        item_tag=torch.randint(0, cfg.n_tags + 1, (n,)),
+    ).eval()
+
+
+def _inputs(cfg: OneRecConfig, b: int, life: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def ints(high: int, *shape: int) -> torch.Tensor:
+        return torch.randint(1, high, shape, generator=g)
+
+    s, p = cfg.short_len, cfg.positive_len
+    return {
+        "static": torch.stack(
+            [torch.randint(0, c, (b,), generator=g) for c in cfg.static_cardinalities], 1
+        ),
+        "short_items": ints(cfg.n_items + 1, b, s),
+        "short_gap": ints(33, b, s),
+        "short_watch": ints(10, b, s),
+        "short_flags": torch.rand(b, s, N_FLAGS, generator=g).round(),
+        "pos_items": ints(cfg.n_items + 1, b, p),
+        "pos_gap": ints(33, b, p),
+        "pos_watch": ints(10, b, p),
+        "pos_flags": torch.rand(b, p, N_FLAGS, generator=g).round(),
+        "life_items": ints(cfg.n_items + 1, b, life),
+        "life_gap": ints(33, b, life),
+        "life_weight": ints(18, b, life),
+    }
+
+
+SMALL = OneRecConfig(
+    n_items=500,
+    static_cardinalities=(7, 3, 12),
+    n_authors=40,
+    n_tags=30,
+    codebook_size=32,
+    d_model=32,
+    n_heads=2,
+    d_ff=64,
+    d_expert=48,
+    positive_len=64,
+    lifelong_len=300,
+    n_queries=16,
+)
+
+
+def _request_flops(model: OneRec, cfg: OneRecConfig, beam: int, life: int) -> int:
+    """What serving executes for one request: encoder once, cross K/V once, L decode steps."""
+    inputs = _inputs(cfg, 1, life)
+    model.requires_grad_(False)  # the counter's module tracker trips over leaf parameters
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        memory, keep = model.encoder(**inputs)
+        kv = model.decoder.cross_kv(memory)
+        tokens = torch.zeros(1, beam, 0, dtype=torch.long)
+        for _ in range(cfg.sid_levels):
+            logp = model.decoder.step(tokens, kv, keep)
+            tokens = torch.cat([tokens, logp.argmax(-1, keepdim=True)], dim=-1)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("beam", [1, 16, 64])
+def test_flops_match_the_flop_counter_small(beam: int) -> None:
+    model = _model(SMALL)
+    measured = _request_flops(model, SMALL, beam, SMALL.lifelong_len)
+    assert abs(flops_per_request(SMALL, beam) - measured) / measured < 0.10
+
+
+def test_flops_match_the_flop_counter_default_sizes() -> None:
+    cfg = OneRecConfig(n_items=1000, static_cardinalities=(7, 3), n_authors=10, n_tags=10)
+    model = _model(cfg)
+    measured = _request_flops(model, cfg, 64, cfg.lifelong_len)
+    predicted = flops_per_request(cfg, 64)
+    assert abs(predicted - measured) / measured < 0.10
+
+
+def test_loss_is_finite_and_backpropagates() -> None:
+    model = _model(SMALL).train()
+    inputs = _inputs(SMALL, 4, 50)
+    targets = torch.randint(0, SMALL.codebook_size, (4, SMALL.sid_levels))
+    loss = model.loss(inputs, targets)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert model.encoder.qformer.queries.grad is not None
+    assert all(m.load.sum() > 0 for m in model.moe_layers())
+
+
+def test_padding_does_not_change_the_output() -> None:
+    """Extra padded positions in any pathway leave the encoder output unchanged."""
+    model = _model(SMALL)
+    inputs = _inputs(SMALL, 2, 40)
+    padded = dict(inputs)
+    for name in ("life_items", "life_gap", "life_weight"):
+        padded[name] = torch.cat([inputs[name], torch.zeros(2, 25, dtype=torch.long)], 1)
+    padded["short_items"] = inputs["short_items"].clone()
+    padded["short_items"][:, -5:] = 0
+    base = dict(inputs)
+    base["short_items"] = padded["short_items"]
+    with torch.no_grad():
+        a, keep_a = model.encoder(**base)
+        b, keep_b = model.encoder(**padded)
+    torch.testing.assert_close(a[keep_a], b[keep_b], atol=1e-5, rtol=1e-5)
+
+
+def test_user_with_no_lifelong_history_is_encoded() -> None:
+    model = _model(SMALL)
+    inputs = _inputs(SMALL, 2, 10)
+    for name in ("life_items", "life_gap", "life_weight"):
+        inputs[name] = torch.zeros_like(inputs[name])
+    with torch.no_grad():
+        out, _ = model.encoder(**inputs)
+    assert torch.isfinite(out).all()
+
+
+def test_beams_share_cross_attention_and_match_a_per_beam_run() -> None:
+    """Step on (B, W, t) with shared K/V equals running each beam on its own."""
+    model = _model(SMALL)
+    inputs = _inputs(SMALL, 2, 30)
+    with torch.no_grad():
+        memory, keep = model.encoder(**inputs)
+        kv = model.decoder.cross_kv(memory)
+        tokens = torch.randint(0, SMALL.codebook_size, (2, 5, 2))
+        together = model.decoder.step(tokens, kv, keep)
+        for w in range(5):
+            alone = model.decoder.step(tokens[:, w : w + 1], kv, keep)
+            torch.testing.assert_close(together[:, w : w + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_free_balancing_moves_the_bias_against_the_load() -> None:
+    moe = _model(SMALL).moe_layers()[0]
+    moe.load.copy_(torch.tensor([10.0, 0.0, 5.0, 5.0]))
+    moe.update_bias(rate=0.1)
+    assert moe.bias[0] < 0 < moe.bias[1]
+    assert moe.load.sum() == 0
