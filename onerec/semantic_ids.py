@@ -4,6 +4,8 @@
 writes, into one directory:
 
 * ``embedder.npz``   -- the :class:`~onerec.embeddings.ItemEmbedder` (content PCA);
+* ``item_embeddings.npy`` -- the (N, d) embeddings that were tokenized (the model's frozen
+  item vectors);
 * ``codebooks.npz``  -- the :class:`~onerec.tokenizer.SemanticTokenizer`;
 * ``item_sids.parquet`` -- item_id, sid_0..sid_{L-1}, collision_rank, popularity;
 * ``tokenizer.json`` -- cluster sizes, quantisation error and collision statistics.
@@ -78,6 +80,7 @@ def tokenize_dataset(
     )
 
     embedder.save(out / "embedder.npz")
+    np.save(out / "item_embeddings.npy", embeddings)
     tokenizer.save(out / "codebooks.npz")
     sids.to_frame().to_parquet(out / "item_sids.parquet", index=False)
     stats.update(collision_stats(codes))

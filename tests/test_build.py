@@ -32,6 +32,7 @@ def test_build_writes_data_and_semantic_ids(tmp_path, capsys) -> None:
     assert len(primaries) == len(frame.drop_duplicates(["sid_0", "sid_1", "sid_2"]))
     stats = json.loads((out / "tokenizer" / "tokenizer.json").read_text())
     assert all(lv["cluster_max"] <= lv["capacity"] for lv in stats["levels"])
+    assert np.load(out / "tokenizer" / "item_embeddings.npy").shape[0] == 400
 
     # A second run reuses what is there instead of rebuilding.
     before = (out / "tokenizer" / "item_sids.parquet").stat().st_mtime_ns
