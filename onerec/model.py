@@ -279,7 +279,8 @@ class PathwayEncoder(nn.Module):
         )  # (B, L, d)
         # Queries of a user with no lifelong items attend to the first (pad) token alone.
         life_keep = life_items > 0
-        life_keep[:, 0] |= ~life_keep.any(1)
+        first = torch.arange(life_keep.shape[1], device=life_keep.device) == 0
+        life_keep = life_keep | (first & ~life_keep.any(1, keepdim=True))
         life = self.qformer(life_tokens, life_keep[:, None, None, :])  # (B, Q, d)
 
         x = torch.cat(
@@ -371,10 +372,15 @@ class SIDDecoder(nn.Module):
         cross_kv: list[tuple[torch.Tensor, torch.Tensor]],
         keep: torch.Tensor,
     ) -> torch.Tensor:
-        """Log-probabilities (B, W, K) of the next level given prefixes (B, W, t)."""
-        t = tokens.shape[-1]
-        h = self.hidden(tokens, cross_kv, keep)[:, :, -1]  # (B, W, d)
-        return F.log_softmax(self.heads[t](h), dim=-1)
+        """Log-probabilities (B, W, K) of the next level given prefixes (B, W, t).
+
+        At the first level every beam is the bare BOS, so one row is computed and shared.
+        """
+        b, w, t = tokens.shape
+        if t == 0:
+            tokens = tokens[:, :1]
+        h = self.hidden(tokens, cross_kv, keep)[:, :, -1]  # (B, W or 1, d)
+        return F.log_softmax(self.heads[t](h), dim=-1).expand(b, w, -1)
 
 
 class OneRec(nn.Module):
@@ -419,7 +425,8 @@ def flops_per_request(cfg: OneRecConfig, beam_width: int, lifelong_items: int | 
     """Matmul FLOPs of one request: the encoder once, then each SID level for ``beam_width`` beams.
 
     Counts what the implementation executes (no KV cache in self-attention: step ``t``
-    recomputes ``t + 1`` positions; cross-attention K/V once per request). Embedding
+    recomputes ``t + 1`` positions; cross-attention K/V once per request; the first level
+    runs once, since all beams share BOS). Embedding
     lookups and element-wise work are not counted, as is usual for MFU.
     """
     d, ff = cfg.d_model, cfg.d_ff
@@ -445,10 +452,11 @@ def flops_per_request(cfg: OneRecConfig, beam_width: int, lifelong_items: int | 
     )
     f += cfg.decoder_layers * _linear(t_enc, d, 2 * d)  # cross K/V, once
     for level in range(cfg.sid_levels):
-        n = beam_width * (level + 1)  # positions computed this step
+        beams = 1 if level == 0 else beam_width  # every beam starts from the same BOS
+        n = beams * (level + 1)  # positions computed this step
         per_layer = (
             _linear(n, d, 3 * d)
-            + beam_width * _attention(level + 1, level + 1, d)
+            + beams * _attention(level + 1, level + 1, d)
             + _linear(n, d, d)
             + _linear(n, d, d)  # cross-attention queries
             + _attention(n, t_enc, d)
@@ -457,7 +465,7 @@ def flops_per_request(cfg: OneRecConfig, beam_width: int, lifelong_items: int | 
             + cfg.top_k * 2 * _linear(n, d, cfg.d_expert)
         )
         f += cfg.decoder_layers * per_layer
-        f += _linear(beam_width, d, cfg.codebook_size)
+        f += _linear(beams, d, cfg.codebook_size)
     return int(f)
 
 
