@@ -207,6 +207,8 @@ class PathwayEncoder(nn.Module):
         item_vectors: torch.Tensor,
         item_author: torch.Tensor,
         item_tag: torch.Tensor,
+        item_sids: torch.Tensor,
+        codes: nn.ModuleList,
     ) -> None:
         super().__init__()
         d = cfg.d_model
@@ -215,6 +217,8 @@ class PathwayEncoder(nn.Module):
         self.register_buffer("item_vectors", item_vectors.float())
         self.register_buffer("item_author", item_author.long())
         self.register_buffer("item_tag", item_tag.long())
+        self.register_buffer("item_sids", item_sids.long())
+        self.codes = codes  # the decoder's SID embeddings: history and output share one space
         self.item = nn.Embedding(cfg.n_items + 2, d, padding_idx=0)
         self.item_proj = nn.Linear(cfg.item_vector_dim, d)
         self.author = nn.Embedding(cfg.n_authors + 1, d)
@@ -240,6 +244,7 @@ class PathwayEncoder(nn.Module):
             + self.item_proj(self.item_vectors[ids])
             + self.author(self.item_author[ids])
             + self.tag(self.item_tag[ids])
+            + sum(emb(self.item_sids[ids, i]) for i, emb in enumerate(self.codes))
         )
 
     def _events(
@@ -383,6 +388,16 @@ class SIDDecoder(nn.Module):
         return F.log_softmax(self.heads[t](h), dim=-1).expand(b, w, -1)
 
 
+def _init(module: nn.Module) -> None:
+    """Small GPT-style init: summed token features and tied heads start near uniform."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        nn.init.zeros_(module.weight[module.padding_idx])
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 class OneRec(nn.Module):
     """Encoder + decoder, with the teacher-forced training loss."""
 
@@ -392,11 +407,17 @@ class OneRec(nn.Module):
         item_vectors: torch.Tensor,
         item_author: torch.Tensor,
         item_tag: torch.Tensor,
+        item_sids: torch.Tensor,
     ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = PathwayEncoder(cfg, item_vectors, item_author, item_tag)
         self.decoder = SIDDecoder(cfg)
+        self.encoder = PathwayEncoder(
+            cfg, item_vectors, item_author, item_tag, item_sids, self.decoder.codes
+        )
+        self.apply(_init)
+        for head, codes in zip(self.decoder.heads, self.decoder.codes, strict=True):
+            head.weight = codes.weight  # tied: the logit of a code is its embedding's match
 
     def loss(self, inputs: dict[str, torch.Tensor], target_sids: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over the SID levels of the targets (B, L)."""

@@ -68,14 +68,14 @@ class Catalog:
             sids.astype(np.int64),
         )
 
-    def model_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def model_tables(self) -> tuple[torch.Tensor, ...]:
         """Token-indexed tables: row 0 is padding and the last row an unknown item."""
 
         def pad(x: np.ndarray) -> torch.Tensor:
             zero = np.zeros((1, *x.shape[1:]), x.dtype)
             return torch.from_numpy(np.concatenate([zero, x, zero]))
 
-        return pad(self.vectors), pad(self.author), pad(self.tag)
+        return pad(self.vectors), pad(self.author), pad(self.tag), pad(self.sids)
 
 
 def model_config(ds: Dataset, catalog: Catalog, codebook_size: int, **sizes: int) -> OneRecConfig:

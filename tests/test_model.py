@@ -17,6 +17,7 @@ def _model(cfg: OneRecConfig, seed: int = 0) -> OneRec:
         item_vectors=torch.randn(n, cfg.item_vector_dim),
         item_author=torch.randint(0, cfg.n_authors + 1, (n,)),
         item_tag=torch.randint(0, cfg.n_tags + 1, (n,)),
+        item_sids=torch.randint(0, cfg.codebook_size, (n, cfg.sid_levels)),
     ).eval()
 
 

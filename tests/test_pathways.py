@@ -92,6 +92,7 @@ def test_collated_batch_runs_through_the_model(data) -> None:
         torch.randn(n, CFG.item_vector_dim),
         torch.zeros(n, dtype=torch.long),
         torch.zeros(n, dtype=torch.long),
+        torch.zeros(n, CFG.sid_levels, dtype=torch.long),
     )
     loss = model.loss(batch, torch.randint(0, CFG.codebook_size, (6, 3)))
     assert torch.isfinite(loss)

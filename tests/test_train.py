@@ -49,13 +49,18 @@ def test_samples_never_target_the_held_out_last_event(setup) -> None:
     assert (source.cuts >= 1).all()
 
 
-def test_loss_falls(setup) -> None:
-    model, source, _ = _run(setup, epochs=6)
-    _, catalog, cfg = setup
-    fresh = build_model(cfg, catalog).eval()
+def test_loss_falls_below_what_the_target_marginals_allow(setup) -> None:
+    """Beating the per-level marginal entropy needs the user's pathways, not just priors."""
+    model, source, _ = _run(setup, epochs=8)
     inputs, targets = source.batch(np.arange(len(source)))
+    marginal = []
+    for level in range(targets.shape[1]):
+        p = np.bincount(targets[:, level].numpy()) / len(targets)
+        p = p[p > 0]
+        marginal.append(-(p * np.log(p)).sum())
     with torch.no_grad():
-        assert model.loss(inputs, targets) < fresh.loss(inputs, targets) - 0.3
+        loss = model.loss(inputs, targets).item()
+    assert loss < np.mean(marginal) - 0.1, (loss, marginal)
 
 
 def test_resume_continues_where_it_stopped(setup, tmp_path, monkeypatch) -> None:
