@@ -16,8 +16,10 @@ from onerec.data.loaders import load_source
 from onerec.data.schema import DataError, Dataset
 from onerec.data.synthetic import SyntheticConfig, generate
 from onerec.embeddings import item_embeddings
+from onerec.experiment import METRICS, evaluate_artifacts, train_artifacts, write_eval_report
 from onerec.semantic_ids import tokenize_dataset
 from onerec.tokenizer import SemanticTokenizer, TokenizerConfig, collision_stats
+from onerec.train import TrainConfig
 
 console = Console()
 
@@ -166,6 +168,51 @@ def cmd_bench_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the OneRec model on a built artefact directory."""
+    sizes = {"d_model": args.d_model, "d_ff": 2 * args.d_model, "d_expert": 2 * args.d_model}
+    for name in ("lifelong_len", "positive_len", "n_queries"):
+        if getattr(args, name) is not None:
+            sizes[name] = getattr(args, name)
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        samples_per_user=args.samples_per_user,
+        max_minutes=args.minutes,
+        threads=args.threads,
+        seed=args.seed,
+    )
+    result = train_artifacts(Path(args.artifacts), cfg, sizes, resume=args.resume)
+    console.print(
+        f"trained {result['parameters']:,} parameters on {result['samples']:,} samples: "
+        f"loss {result['loss']:.3f}, {result['epochs']} epochs, {result['seconds']:.0f}s"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate OneRec against popularity, SASRec and (synthetic) the oracle."""
+    artifacts = Path(args.artifacts)
+    started = time.perf_counter()
+    results = evaluate_artifacts(
+        artifacts, args.beam_width, args.sasrec_epochs, args.max_users, args.seed
+    )
+    details = {
+        "beam_width": args.beam_width,
+        "users": args.max_users or "all",
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_eval_report(args.name or artifacts.name, results, Path(args.reports), details)
+    table = Table(title=f"evaluation: {args.name or artifacts.name}")
+    table.add_column("model")
+    for metric in METRICS:
+        table.add_column(metric, justify="right")
+    for model, m in results.items():
+        table.add_row(model, *(f"{m[k]:.4f}" for k in METRICS))
+    console.print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onerec", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -197,6 +244,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_tokenizer_knobs(p)
     p.set_defaults(func=cmd_tokenize)
+
+    defaults = TrainConfig()
+    p = sub.add_parser("train", help="train the OneRec model on a built artefact directory")
+    p.add_argument("--artifacts", default="artifacts/synthetic")
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--minutes", type=float, default=defaults.max_minutes, help="time budget")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--samples-per-user", type=int, default=defaults.samples_per_user)
+    p.add_argument("--threads", type=int, default=defaults.threads)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--lifelong-len", type=int)
+    p.add_argument("--positive-len", type=int)
+    p.add_argument("--n-queries", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from model/checkpoint.pt")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate against popularity, SASRec and the oracle")
+    p.add_argument("--artifacts", default="artifacts/synthetic")
+    p.add_argument("--name", help="data set name in the report (default: directory name)")
+    p.add_argument("--reports", default="reports")
+    p.add_argument("--beam-width", type=int, default=128)
+    p.add_argument("--sasrec-epochs", type=int, default=30)
+    p.add_argument("--max-users", type=int, help="evaluate a seeded sample of users")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser("bench", help="printed benchmarks").add_subparsers(
         dest="bench_command", required=True
