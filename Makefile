@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # pip's find-links index on this machine is noisy about missing mirror folders.
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install run test lint format build bench-tokenizer clean
+.PHONY: install run test eval lint format build bench-tokenizer clean
 
 install: $(STAMP)
 
@@ -26,6 +26,21 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
+
+# Offline quality: build, train and evaluate on the synthetic set and, when present, on
+# ../shared/data/ml-latest-small. Writes reports/eval.json and reports/eval.md.
+ML_SMALL ?= ../shared/data/ml-latest-small
+EVAL_USERS ?= 500
+eval: install
+	rm -f reports/eval.json
+	$(BIN)/onerec build
+	$(BIN)/onerec train --artifacts artifacts/synthetic
+	$(BIN)/onerec eval --artifacts artifacts/synthetic --max-users $(EVAL_USERS)
+	if [ -d $(ML_SMALL) ]; then \
+	  $(BIN)/onerec build --source $(ML_SMALL) --out artifacts/ml-latest-small --codebook-size 64 && \
+	  $(BIN)/onerec train --artifacts artifacts/ml-latest-small && \
+	  $(BIN)/onerec eval --artifacts artifacts/ml-latest-small --max-users $(EVAL_USERS); \
+	fi
 
 lint: install
 	$(BIN)/ruff check .
