@@ -16,7 +16,15 @@ from onerec.data.loaders import load_source
 from onerec.data.schema import DataError, Dataset
 from onerec.data.synthetic import SyntheticConfig, generate
 from onerec.embeddings import item_embeddings
-from onerec.experiment import METRICS, evaluate_artifacts, train_artifacts, write_eval_report
+from onerec.experiment import (
+    METRICS,
+    evaluate_artifacts,
+    load_catalog,
+    load_model,
+    train_artifacts,
+    write_eval_report,
+)
+from onerec.export import export
 from onerec.semantic_ids import tokenize_dataset
 from onerec.tokenizer import SemanticTokenizer, TokenizerConfig, collision_stats
 from onerec.train import TrainConfig
@@ -213,6 +221,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """ONNX encoder and decoder steps from a trained artefact directory."""
+    artifacts = Path(args.artifacts)
+    _, catalog, _ = load_catalog(artifacts)
+    paths = export(load_model(artifacts, catalog), Path(args.out or artifacts / "onnx"))
+    for path in paths:
+        console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onerec", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -270,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-users", type=int, help="evaluate a seeded sample of users")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="export the trained model to ONNX")
+    p.add_argument("--artifacts", default="artifacts/synthetic")
+    p.add_argument("--out", help="directory (default <artifacts>/onnx)")
+    p.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("bench", help="printed benchmarks").add_subparsers(
         dest="bench_command", required=True

@@ -28,3 +28,7 @@ def test_build_train_eval_writes_the_report(tmp_path) -> None:
         assert set(metrics) == {"recall@10", "ndcg@10", "recall@50", "ndcg@50"}
         assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert "| oracle |" in (reports / "eval.md").read_text()
+
+    assert main(["export", "--artifacts", str(art)]) == 0
+    exported = sorted(p.name for p in (art / "onnx").iterdir())
+    assert exported == [*(f"decoder_step_{t}.onnx" for t in range(3)), "encoder.onnx"]

@@ -1,0 +1,129 @@
+"""ONNX export of the encoder and of one decoder step per SID level (opset 17).
+
+* ``encoder.onnx``: the twelve pathway tensors -> the encoder's key-padding mask ``keep``
+  and, for every decoder layer, the cross-attention keys and values. Batch and every
+  sequence length are dynamic axes. K/V leave the encoder already projected, so the
+  decoder never recomputes them per beam or per step.
+* ``decoder_step_{t}.onnx``: SID prefixes ``tokens`` (B, W, t) plus ``keep`` and the K/V
+  -> log-probabilities (B, W, K) of level ``t``. One graph per level because the prefix
+  length fixes the graph; level 0 takes no tokens (all beams share BOS) and returns
+  (B, 1, K).
+
+The legacy TorchScript exporter is used (``dynamo=False``): the dynamo exporter needs
+``onnxscript``, which the serving images do not carry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from onerec.model import N_FLAGS, OneRec
+
+OPSET = 17
+PATHWAY_INPUTS = (
+    "static",
+    "short_items",
+    "short_gap",
+    "short_watch",
+    "short_flags",
+    "pos_items",
+    "pos_gap",
+    "pos_watch",
+    "pos_flags",
+    "life_items",
+    "life_gap",
+    "life_weight",
+)
+
+
+def kv_names(model: OneRec) -> list[str]:
+    return [
+        f"{kind}_{i}" for i in range(model.cfg.decoder_layers) for kind in ("cross_k", "cross_v")
+    ]
+
+
+class _Encoder(nn.Module):
+    def __init__(self, model: OneRec) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *pathways: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        memory, keep = self.model.encoder(**dict(zip(PATHWAY_INPUTS, pathways, strict=True)))
+        kv = self.model.decoder.cross_kv(memory)
+        return (keep, *(t for pair in kv for t in pair))
+
+
+class _Step(nn.Module):
+    def __init__(self, model: OneRec, level: int) -> None:
+        super().__init__()
+        self.model, self.level = model, level
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.level == 0:
+            keep, *flat = args
+            tokens = torch.zeros(keep.shape[0], 1, 0, dtype=torch.long)
+        else:
+            tokens, keep, *flat = args
+        kv = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+        return self.model.decoder.step(tokens, kv, keep)
+
+
+def example_pathways(model: OneRec, batch: int = 2, length: int = 3) -> tuple[torch.Tensor, ...]:
+    """Small valid inputs that fix the graph's ranks and dtypes for tracing."""
+    cfg = model.cfg
+    ints = torch.ones(batch, length, dtype=torch.long)
+    flags = torch.zeros(batch, length, N_FLAGS)
+    static = torch.zeros(batch, max(1, len(cfg.static_cardinalities)), dtype=torch.long)
+    static = static[:, : len(cfg.static_cardinalities)]
+    return (static, ints, ints, ints, flags, ints, ints, ints, flags, ints, ints, ints)
+
+
+def export(model: OneRec, out: str | Path) -> list[Path]:
+    """Write ``encoder.onnx`` and ``decoder_step_{t}.onnx`` into ``out``; returns the paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    encoder = _Encoder(model).eval()
+    names = kv_names(model)
+    dynamic = {"static": {0: "batch"}, "keep": {0: "batch", 1: "enc_len"}}
+    for name in PATHWAY_INPUTS[1:]:
+        dynamic[name] = {0: "batch", 1: f"{name.split('_')[0]}_len"}
+    for name in names:
+        dynamic[name] = {0: "batch", 2: "enc_len"}
+    pathways = example_pathways(model)
+    paths = [out / "encoder.onnx"]
+    with torch.no_grad():
+        torch.onnx.export(
+            encoder,
+            pathways,
+            paths[0],
+            input_names=list(PATHWAY_INPUTS),
+            output_names=["keep", *names],
+            dynamic_axes=dynamic,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+        keep, *flat = encoder(*pathways)
+        for level in range(model.cfg.sid_levels):
+            tokens = torch.zeros(2, 3, level, dtype=torch.long)
+            inputs = (keep, *flat) if level == 0 else (tokens, keep, *flat)
+            in_names = ["keep", *names] if level == 0 else ["tokens", "keep", *names]
+            axes = {n: dynamic[n] for n in ["keep", *names]}
+            axes["tokens"] = {0: "batch", 1: "beams"}
+            axes["log_probs"] = {0: "batch", 1: "beams"}
+            path = out / f"decoder_step_{level}.onnx"
+            torch.onnx.export(
+                _Step(model, level).eval(),
+                inputs,
+                path,
+                input_names=in_names,
+                output_names=["log_probs"],
+                dynamic_axes={k: v for k, v in axes.items() if k in in_names or k == "log_probs"},
+                opset_version=OPSET,
+                dynamo=False,
+            )
+            paths.append(path)
+    return paths

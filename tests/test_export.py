@@ -1,0 +1,99 @@
+"""ONNX export parity: ONNX Runtime (CPU) matches torch, and so does the beam search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from onerec.beam_search import constrained_beam_search
+from onerec.export import PATHWAY_INPUTS, export
+from onerec.model import N_FLAGS, OneRec, OneRecConfig
+from onerec.onnx_model import OnnxOneRec
+from onerec.trie import SIDTrie
+
+CFG = OneRecConfig(
+    n_items=400,
+    static_cardinalities=(7, 3),
+    n_authors=20,
+    n_tags=20,
+    codebook_size=32,
+    d_model=32,
+    n_heads=2,
+    d_ff=64,
+    d_expert=48,
+    positive_len=64,
+    lifelong_len=200,
+    n_queries=16,
+)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    n = CFG.n_items + 2
+    model = OneRec(
+        CFG,
+        torch.randn(n, CFG.item_vector_dim),
+        torch.randint(0, CFG.n_authors + 1, (n,)),
+        torch.randint(0, CFG.n_tags + 1, (n,)),
+        torch.randint(0, CFG.codebook_size, (n, CFG.sid_levels)),
+    ).eval()
+    out = tmp_path_factory.mktemp("onnx")
+    export(model, out)
+    return model, OnnxOneRec(out, threads=1)
+
+
+def _pathways(b: int, s: int, p: int, life: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {
+        "static": np.stack([rng.integers(0, 7, b), rng.integers(0, 3, b)], 1)
+    }
+    for prefix, n in (("short", s), ("pos", p)):
+        items = rng.integers(1, CFG.n_items + 2, (b, n))
+        items[:, n - n // 4 :] = 0  # trailing padding, as collate makes it
+        out[f"{prefix}_items"] = items
+        out[f"{prefix}_gap"] = rng.integers(1, 33, (b, n))
+        out[f"{prefix}_watch"] = rng.integers(1, 10, (b, n))
+        out[f"{prefix}_flags"] = rng.integers(0, 2, (b, n, N_FLAGS)).astype(np.float32)
+    out["life_items"] = rng.integers(1, CFG.n_items + 2, (b, life))
+    out["life_gap"] = rng.integers(1, 33, (b, life))
+    out["life_weight"] = rng.integers(1, 18, (b, life))
+    return {k: v.astype(np.int64) if v.dtype.kind == "i" else v for k, v in out.items()}
+
+
+@pytest.mark.parametrize(("b", "s", "p", "life"), [(1, 20, 64, 200), (5, 7, 13, 150)])
+def test_encoder_and_steps_match_torch(exported, b: int, s: int, p: int, life: int) -> None:
+    model, onnx = exported
+    inputs = _pathways(b, s, p, life, seed=b)
+    keep, kv = onnx.encode(inputs)
+    with torch.no_grad():
+        memory, keep_t = model.encoder(**{k: torch.from_numpy(inputs[k]) for k in PATHWAY_INPUTS})
+        kv_t = model.decoder.cross_kv(memory)
+        np.testing.assert_array_equal(keep, keep_t.numpy())
+        flat_t = [t.numpy() for pair in kv_t for t in pair]
+        assert max(np.abs(a - e).max() for a, e in zip(kv, flat_t, strict=True)) <= 1e-4
+        for level in range(CFG.sid_levels):
+            tokens = np.random.default_rng(level).integers(0, CFG.codebook_size, (b, 6, level))
+            ours = onnx.step(tokens, keep, kv)
+            ref = model.decoder.step(torch.from_numpy(tokens), kv_t, keep_t).numpy()
+            assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_beam_search_top10_matches_torch(exported) -> None:
+    model, onnx = exported
+    sids = np.random.default_rng(1).integers(0, CFG.codebook_size, (300, CFG.sid_levels))
+    trie = SIDTrie.from_codes(sids, CFG.codebook_size)
+    inputs = _pathways(3, 20, 64, 200, seed=9)
+    keep, kv = onnx.encode(inputs)
+    with torch.no_grad():
+        memory, keep_t = model.encoder(**{k: torch.from_numpy(inputs[k]) for k in PATHWAY_INPUTS})
+        kv_t = model.decoder.cross_kv(memory)
+
+        def torch_step(tokens: np.ndarray) -> np.ndarray:
+            return model.decoder.step(torch.from_numpy(tokens), kv_t, keep_t).numpy()
+
+        ref = constrained_beam_search(torch_step, 3, 32, trie)
+    ours = constrained_beam_search(lambda t: onnx.step(t, keep, kv), 3, 32, trie)
+    np.testing.assert_array_equal(ours.sids[:, :10], ref.sids[:, :10])
+    np.testing.assert_allclose(ours.scores[:, :10], ref.scores[:, :10], atol=1e-4)
