@@ -178,7 +178,9 @@ def cmd_bench_tokenizer(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the OneRec model on a built artefact directory."""
-    sizes = {"d_model": args.d_model, "d_ff": 2 * args.d_model, "d_expert": 2 * args.d_model}
+    sizes = {}
+    if args.d_model is not None:
+        sizes = {"d_model": args.d_model, "d_ff": 2 * args.d_model, "d_expert": 2 * args.d_model}
     for name in ("lifelong_len", "positive_len", "n_queries"):
         if getattr(args, name) is not None:
             sizes[name] = getattr(args, name)
@@ -271,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--samples-per-user", type=int, default=defaults.samples_per_user)
     p.add_argument("--threads", type=int, default=defaults.threads)
-    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--d-model", type=int, help="width; feed-forward and experts get 2x")
     p.add_argument("--lifelong-len", type=int)
     p.add_argument("--positive-len", type=int)
     p.add_argument("--n-queries", type=int)

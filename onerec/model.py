@@ -41,9 +41,9 @@ class OneRecConfig:
     n_tags: int = 1
     sid_levels: int = 3
     codebook_size: int = 256
-    d_model: int = 128
+    d_model: int = 64  # sized so the default trains in ~5 minutes on 2 CPU cores
     n_heads: int = 4
-    d_ff: int = 256
+    d_ff: int = 128
     n_static_tokens: int = 2
     short_len: int = 20
     positive_len: int = 256
@@ -54,7 +54,7 @@ class OneRecConfig:
     decoder_layers: int = 2
     n_experts: int = 4
     top_k: int = 2
-    d_expert: int = 256
+    d_expert: int = 128
     dropout: float = 0.1
     extra: dict = field(default_factory=dict)
 
