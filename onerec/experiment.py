@@ -103,13 +103,7 @@ def _score_rows(
     score_fn: Callable[[np.ndarray], np.ndarray], split: Split, ds: Dataset, rows: np.ndarray
 ) -> dict[str, float]:
     """``evaluate_scorer`` on the chosen ``rows`` of the split only."""
-    sub = Split(
-        split.users[rows],
-        split.history_start[rows],
-        split.history_end[rows],
-        split.target_items[rows],
-    )
-    return evaluate_scorer(lambda chunk: score_fn(rows[chunk]), sub, ds)
+    return evaluate_scorer(lambda chunk: score_fn(rows[chunk]), split.subset(rows), ds)
 
 
 def write_eval_report(

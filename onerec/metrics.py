@@ -46,6 +46,15 @@ class Split:
     def __len__(self) -> int:
         return len(self.users)
 
+    def subset(self, rows: np.ndarray) -> Split:
+        """The split restricted to ``rows`` (e.g. a seeded sample of users)."""
+        return Split(
+            self.users[rows],
+            self.history_start[rows],
+            self.history_end[rows],
+            self.target_items[rows],
+        )
+
 
 def leave_last_out(ds: Dataset, min_events: int = 3) -> Split:
     """Hold out each user's last event; skip users with fewer than ``min_events`` events."""

@@ -18,7 +18,7 @@ Token inputs use index 0 for padding; item index ``i`` of the catalog is ``i + 1
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,6 @@ class OneRecConfig:
     top_k: int = 2
     d_expert: int = 128
     dropout: float = 0.1
-    extra: dict = field(default_factory=dict)
 
     @property
     def head_dim(self) -> int:
