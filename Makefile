@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch, onerec, faiss, grpc, tritonclient.grpc, onnxruntime"
 	touch $(STAMP)
 
-# Until the server exists: build the default synthetic data set and tokenizer, print a summary.
+# Build the default model on the synthetic data (data, SIDs, ~5 min of training, ONNX,
+# model repository; each stage is reused when present), then serve it with Triton.
 run: install
 	$(BIN)/onerec build
+	$(BIN)/onerec triton
 
 test: install
 	$(BIN)/ruff check .
@@ -33,11 +35,11 @@ ML_SMALL ?= ../shared/data/ml-latest-small
 EVAL_USERS ?= 500
 eval: install
 	rm -f reports/eval.json
-	$(BIN)/onerec build
+	$(BIN)/onerec build --until tokenizer
 	$(BIN)/onerec train --artifacts artifacts/synthetic
 	$(BIN)/onerec eval --artifacts artifacts/synthetic --max-users $(EVAL_USERS)
 	if [ -d $(ML_SMALL) ]; then \
-	  $(BIN)/onerec build --source $(ML_SMALL) --out artifacts/ml-latest-small --codebook-size 64 && \
+	  $(BIN)/onerec build --until tokenizer --source $(ML_SMALL) --out artifacts/ml-latest-small --codebook-size 64 && \
 	  $(BIN)/onerec train --artifacts artifacts/ml-latest-small && \
 	  $(BIN)/onerec eval --artifacts artifacts/ml-latest-small --max-users $(EVAL_USERS); \
 	fi

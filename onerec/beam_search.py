@@ -121,20 +121,26 @@ def _check_exclude(exclude: np.ndarray | None, batch_size: int, trie: SIDTrie) -
 def constrained_beam_search(
     step_fn: StepFn,
     batch_size: int,
-    beam_width: int,
+    beam_width: int | np.ndarray,
     trie: SIDTrie,
     exclude: np.ndarray | None = None,
 ) -> BeamResult:
     """The ``beam_width`` best catalog SIDs for each of ``batch_size`` requests.
 
-    ``exclude`` (B, E) lists leaf ids (``trie.leaf_of``) that request b must not receive,
-    padded with -1; see :func:`exclude_leaves`.
+    ``beam_width`` is one width for all, or (B,) widths: the batch is searched at the
+    largest, and each level cuts request b back to its best ``beam_width[b]`` beams, which
+    is exactly a search at that width (the rest are dead). ``exclude`` (B, E) lists leaf
+    ids (``trie.leaf_of``) that request b must not receive, padded with -1; see
+    :func:`exclude_leaves`.
     """
-    if batch_size < 0 or beam_width < 1:
+    widths = np.broadcast_to(np.asarray(beam_width, dtype=np.int64), (max(batch_size, 0),))
+    if batch_size < 0 or (widths < 1).any() or np.ndim(beam_width) > 1:
         raise ValueError(
-            f"need batch_size >= 0 and beam_width >= 1, got {batch_size}, {beam_width}"
+            f"need batch_size >= 0 and beam widths >= 1, got {batch_size}, {beam_width}"
         )
-    n_req, width, k = batch_size, beam_width, trie.codebook_size
+    n_req, k = batch_size, trie.codebook_size
+    width = int(np.max(beam_width, initial=1))
+    beyond = np.arange(width)[None, :] >= widths[:, None]  # (B, W) beams a request lacks
     exclude = _check_exclude(exclude, n_req, trie)
     prefix = np.full((n_req, width), -1, np.int64)  # (B, W) prefix ids, -1 = dead
     prefix[:, 0] = 0
@@ -162,6 +168,7 @@ def constrained_beam_search(
         pad = ((0, 0), (0, width - flat.shape[1]))  # fewer candidates than beams: dead ones
         flat = np.pad(flat, pad)  # (B, W)
         scores = np.pad(scores, pad, constant_values=-np.inf)  # (B, W)
+        scores[beyond] = -np.inf
         alive = scores > -np.inf
         beam, code = np.divmod(flat, k)  # (B, W) parent beam and new code
         prefix = np.where(alive, trie.advance(level, prefix[rows, beam], code), -1)

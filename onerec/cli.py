@@ -9,9 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from onerec import catalog
 from onerec.data.loaders import load_source
 from onerec.data.schema import DataError, Dataset
 from onerec.data.synthetic import SyntheticConfig, generate
@@ -25,7 +27,8 @@ from onerec.experiment import (
     write_eval_report,
 )
 from onerec.export import export
-from onerec.semantic_ids import tokenize_dataset
+from onerec.repository import TEMPLATE, catalog_dir, write_model_repository
+from onerec.semantic_ids import load_item_sids, tokenize_dataset, tokenize_new_items
 from onerec.tokenizer import SemanticTokenizer, TokenizerConfig, collision_stats
 from onerec.train import TrainConfig
 
@@ -105,7 +108,9 @@ def _load_or_make(source: str, data_dir: Path, args: argparse.Namespace) -> Data
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    """The offline pipeline as far as it goes: data set -> embeddings -> semantic IDs."""
+    """The offline pipeline: data set -> embeddings -> semantic IDs -> trained model ->
+    Triton model repository. Each stage reuses what an earlier run left (``--force``
+    redoes them); ``--until`` stops early."""
     out = Path(
         args.out
         or f"artifacts/{'synthetic' if args.source == 'synthetic' else Path(args.source).name}"
@@ -120,10 +125,38 @@ def cmd_build(args: argparse.Namespace) -> int:
     else:
         stats = tokenize_dataset(ds, tok_dir, _tokenizer_config(args))
     _print_tokenizer(stats)
+    if STAGES.index(args.until) >= STAGES.index("model"):
+        _build_model(out, args)
     console.print(
         f"[bold]build done[/] in {time.perf_counter() - started:.1f}s: artefacts in {out}"
     )
     return 0
+
+
+STAGES = ("data", "tokenizer", "model", "repository")
+
+
+def _build_model(out: Path, args: argparse.Namespace) -> None:
+    checkpoint = out / "model" / "checkpoint.pt"
+    if checkpoint.is_file() and not args.force:
+        console.print(f"reusing model in {checkpoint} (--force retrains)")
+    else:
+        result = train_artifacts(out, TrainConfig(max_minutes=args.minutes), {})
+        console.print(
+            f"trained {result['parameters']:,} parameters: loss {result['loss']:.3f} "
+            f"in {result['seconds']:.0f}s"
+        )
+    if args.until != "repository":
+        return
+    _, catalog, _ = load_catalog(out)
+    version = write_model_repository(
+        load_model(out, catalog),
+        load_item_sids(out / "tokenizer"),
+        args.repository,
+        args.encoder_instances,
+        args.decoder_instances,
+    )
+    console.print(f"model repository {args.repository}: ONNX written, catalog v{version} live")
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
@@ -233,6 +266,45 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_triton(args: argparse.Namespace) -> int:
+    """Serve a model repository with the local tritonserver until SIGINT/SIGTERM."""
+    from server.triton_client import model_config, probe
+    from server.triton_launcher import TritonPorts, TritonProcess, serve_forever
+
+    logging.getLogger("server").setLevel(logging.INFO)
+    cfg = model_config(args.repository)
+    ports = TritonPorts()
+    for name in ("http", "grpc", "metrics"):
+        if getattr(args, f"{name}_port") is not None:
+            setattr(ports, name, getattr(args, f"{name}_port"))
+    process = TritonProcess(args.repository, ports, probe=lambda url: probe(url, cfg))
+    return serve_forever(process)
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    """Show the live catalog, or publish a version with items added or removed."""
+    directory = catalog_dir(args.repository)
+    live = catalog.load(directory)
+    if args.catalog_command == "show":
+        console.print(
+            f"catalog v{live.version}: {len(live.items.item_ids):,} items, "
+            f"{len(live.trie):,} SIDs in {directory}"
+        )
+        return 0
+    try:
+        if args.catalog_command == "remove":
+            updated = catalog.with_changes(live.items, remove_ids=args.item_ids)
+        else:
+            codes = tokenize_new_items(args.tokenizer, np.load(args.content))
+            updated = catalog.with_changes(live.items, add_ids=args.item_ids, add_codes=codes)
+    except (KeyError, ValueError) as err:
+        console.print(f"[red]catalog unchanged:[/] {err}")
+        return 2
+    version = catalog.publish(directory, updated, live.trie.codebook_size)
+    console.print(f"catalog v{version} live: {len(updated.item_ids):,} items")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onerec", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -242,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="synthetic", help="'synthetic' or a path a loader reads")
     p.add_argument("--out", help="artefact directory (default artifacts/<name>)")
     p.add_argument("--force", action="store_true", help="rebuild even if artefacts exist")
+    p.add_argument("--until", choices=STAGES, default="repository", help="last stage to build")
+    p.add_argument("--repository", default=str(TEMPLATE), help="Triton model repository")
+    p.add_argument("--minutes", type=float, default=TrainConfig().max_minutes)
+    p.add_argument("--encoder-instances", type=int, default=1)
+    p.add_argument("--decoder-instances", type=int, default=1)
     _add_synthetic_knobs(p)
     _add_tokenizer_knobs(p)
     p.set_defaults(func=cmd_build)
@@ -295,6 +372,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", default="artifacts/synthetic")
     p.add_argument("--out", help="directory (default <artifacts>/onnx)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("triton", help="serve a model repository with the local tritonserver")
+    p.add_argument("--repository", default=str(TEMPLATE))
+    p.add_argument("--http-port", type=int, help="default 8000 or $TRITON_HTTP_PORT")
+    p.add_argument("--grpc-port", type=int, help="default 8001 or $TRITON_GRPC_PORT")
+    p.add_argument("--metrics-port", type=int, help="default 8002 or $TRITON_METRICS_PORT")
+    p.set_defaults(func=cmd_triton)
+
+    cat = sub.add_parser("catalog", help="show or change the served catalog (no restart)")
+    cat_sub = cat.add_subparsers(dest="catalog_command", required=True)
+    p = cat_sub.add_parser("show", help="the live version")
+    p.add_argument("--repository", default=str(TEMPLATE))
+    p.set_defaults(func=cmd_catalog)
+    p = cat_sub.add_parser("remove", help="publish a version without these items")
+    p.add_argument("item_ids", nargs="+")
+    p.add_argument("--repository", default=str(TEMPLATE))
+    p.set_defaults(func=cmd_catalog)
+    p = cat_sub.add_parser("add", help="tokenize new items with the saved codebooks, publish")
+    p.add_argument("item_ids", nargs="+")
+    p.add_argument("--content", required=True, help=".npy of the items' content vectors")
+    p.add_argument("--tokenizer", default="artifacts/synthetic/tokenizer")
+    p.add_argument("--repository", default=str(TEMPLATE))
+    p.set_defaults(func=cmd_catalog)
 
     bench = sub.add_parser("bench", help="printed benchmarks").add_subparsers(
         dest="bench_command", required=True

@@ -101,6 +101,10 @@ def export(model: OneRec, out: str | Path) -> list[Path]:
         # level), the K/V split, and the legacy exporter's deprecation notice.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
+        # The MoE's index_add gets row ids from nonzero(): never negative, never repeated
+        # within one call, which is what these two exporter notices are about.
+        warnings.filterwarnings("ignore", "Exporting aten::index operator", UserWarning)
+        warnings.filterwarnings("ignore", ".*duplicated values in 'index'", UserWarning)
         torch.onnx.export(
             encoder,
             pathways,

@@ -1,9 +1,10 @@
 """The exported model run by ONNX Runtime: what the Triton python backend will host.
 
-``OnnxOneRec.encode`` runs ``encoder.onnx`` once per request batch; ``step`` runs the
-decoder graph of the prefix's level and is shaped to be the ``step_fn`` of
+:class:`OnnxEncoder` runs ``encoder.onnx`` once per request batch; :class:`OnnxDecoder`
+runs the decoder graph of the prefix's level and is shaped to be the ``step_fn`` of
 :func:`onerec.beam_search.constrained_beam_search`, so the search is the same code
-offline and online. CUDA is asked for only when ONNX Runtime reports it available.
+offline and online. The Triton encoder and decoder models each load only their half.
+CUDA is asked for only when ONNX Runtime reports it available.
 """
 
 from __future__ import annotations
@@ -17,34 +18,46 @@ from onerec.export import PATHWAY_INPUTS
 
 
 def _providers() -> list[str]:
+    """CUDA only where a GPU driver is loaded: onnxruntime-gpu lists CUDA everywhere and
+    logs a load error for every session on a machine without one."""
+    gpu = Path("/proc/driver/nvidia/version").exists()
+    wanted = ["CUDAExecutionProvider"] if gpu else []
     available = ort.get_available_providers()
-    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return [p for p in wanted if p in available]
+    return [p for p in [*wanted, "CPUExecutionProvider"] if p in available]
 
 
-class OnnxOneRec:
-    """Encoder and per-level decoder-step sessions loaded from an export directory."""
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=_providers())
 
-    def __init__(self, directory: str | Path, threads: int = 0) -> None:
-        directory = Path(directory)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.encoder = ort.InferenceSession(
-            str(directory / "encoder.onnx"), options, providers=_providers()
-        )
-        self.steps = []
-        level = 0
-        while (path := directory / f"decoder_step_{level}.onnx").is_file():
-            self.steps.append(ort.InferenceSession(str(path), options, providers=_providers()))
-            level += 1
-        if not self.steps:
-            raise FileNotFoundError(f"{directory}: no decoder_step_0.onnx")
-        self.kv_names = [o.name for o in self.encoder.get_outputs()][1:]
+
+class OnnxEncoder:
+    """``encoder.onnx``: pathway arrays -> key-padding mask and per-layer cross K/V."""
+
+    def __init__(self, path: str | Path, threads: int = 0) -> None:
+        self.session = _session(Path(path), threads)
+        self.kv_names = [o.name for o in self.session.get_outputs()][1:]
 
     def encode(self, pathways: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Pathway arrays (as :func:`onerec.pathways.collate` makes them) -> keep, K/V."""
-        keep, *kv = self.encoder.run(None, {name: pathways[name] for name in PATHWAY_INPUTS})
+        keep, *kv = self.session.run(None, {name: pathways[name] for name in PATHWAY_INPUTS})
         return keep, kv
+
+
+class OnnxDecoder:
+    """``decoder_step_{t}.onnx`` for every level t found in ``directory``."""
+
+    def __init__(self, directory: str | Path, threads: int = 0) -> None:
+        directory = Path(directory)
+        self.steps = []
+        level = 0
+        while (path := directory / f"decoder_step_{level}.onnx").is_file():
+            self.steps.append(_session(path, threads))
+            level += 1
+        if not self.steps:
+            raise FileNotFoundError(f"{directory}: no decoder_step_0.onnx")
+        self.kv_names = [i.name for i in self.steps[0].get_inputs()][1:]
 
     def step(self, tokens: np.ndarray, keep: np.ndarray, kv: list[np.ndarray]) -> np.ndarray:
         """(B, W, t) prefixes -> (B, W, K) log-probabilities of level t."""
@@ -54,3 +67,13 @@ class OnnxOneRec:
             feeds["tokens"] = tokens.astype(np.int64)
         (logp,) = self.steps[t].run(None, feeds)
         return np.broadcast_to(logp, (b, w, logp.shape[-1]))
+
+
+class OnnxOneRec:
+    """Encoder and decoder of one export directory, for offline use and parity tests."""
+
+    def __init__(self, directory: str | Path, threads: int = 0) -> None:
+        self.encoder = OnnxEncoder(Path(directory) / "encoder.onnx", threads)
+        self.decoder = OnnxDecoder(directory, threads)
+        self.encode = self.encoder.encode
+        self.step = self.decoder.step

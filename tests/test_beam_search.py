@@ -306,6 +306,27 @@ def test_a_request_does_not_depend_on_its_batch() -> None:
     np.testing.assert_array_equal(shuffled.scores, together.scores[perm])
 
 
+def test_per_request_widths_equal_separate_searches() -> None:
+    """A mixed-width batch (how Triton batches requests) is each request at its own width."""
+    k = 32
+    trie = _catalog(3_000, 3, k, seed=4)
+    users = np.array([5, 6, 7, 8])
+    widths = np.array([64, 1, 200, 17])
+    mixed = constrained_beam_search(hashed_step(users, k), len(users), widths, trie)
+    assert mixed.sids.shape == (4, 200, 3)
+    for i, (user, w) in enumerate(zip(users, widths, strict=True)):
+        alone = constrained_beam_search(hashed_step(np.array([user]), k), 1, int(w), trie)
+        np.testing.assert_array_equal(mixed.sids[i, :w], alone.sids[0])
+        np.testing.assert_array_equal(mixed.scores[i, :w], alone.scores[0])
+        assert not mixed.valid[i, w:].any()
+
+
+def test_bad_widths_are_rejected() -> None:
+    trie = _catalog(100, 3, 8, seed=1)
+    with pytest.raises(ValueError, match="beam widths"):
+        constrained_beam_search(zero_step(8), 2, np.array([4, 0]), trie)
+
+
 # Edges and the step-function contract.
 
 

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pandas as pd
 
+from onerec import catalog
 from onerec.cli import main
 from onerec.data.schema import Dataset
 from onerec.semantic_ids import load_item_sids, tokenize_new_items
@@ -18,7 +19,7 @@ TINY = ["--users", "60", "--items", "400", "--max-history", "1500", "--codebook-
 
 def test_build_writes_data_and_semantic_ids(tmp_path, capsys) -> None:
     out = tmp_path / "art"
-    assert main(["build", "--out", str(out), *TINY]) == 0
+    assert main(["build", "--out", str(out), "--until", "tokenizer", *TINY]) == 0
     printed = capsys.readouterr().out
     assert "collision rate" in printed and "build done" in printed
 
@@ -36,7 +37,7 @@ def test_build_writes_data_and_semantic_ids(tmp_path, capsys) -> None:
 
     # A second run reuses what is there instead of rebuilding.
     before = (out / "tokenizer" / "item_sids.parquet").stat().st_mtime_ns
-    assert main(["build", "--out", str(out), *TINY]) == 0
+    assert main(["build", "--out", str(out), "--until", "tokenizer", *TINY]) == 0
     assert (out / "tokenizer" / "item_sids.parquet").stat().st_mtime_ns == before
     assert "reusing" in capsys.readouterr().out
 
@@ -72,3 +73,35 @@ def test_item_sids_round_trip(tmp_path) -> None:
     sids = load_item_sids(tmp_path)
     np.testing.assert_array_equal(sids.codes, [[1, 2, 3], [1, 2, 3]])
     pd.testing.assert_frame_equal(sids.to_frame(), frame, check_dtype=False)
+
+
+def test_full_build_fills_a_model_repository(tmp_path) -> None:
+    """`make run`'s build: train (cut short here by --minutes) and write the repository."""
+    out, repo = tmp_path / "art", tmp_path / "repo"
+    small = ["--users", "30", "--items", "120", "--max-history", "200", "--codebook-size", "8"]
+    build = ["build", "--out", str(out), "--repository", str(repo), "--minutes", "0.05"]
+    assert main([*build, "--decoder-instances", "2", *small]) == 0
+    assert (out / "model" / "checkpoint.pt").is_file()
+    assert (repo / "onerec_encoder" / "1" / "encoder.onnx").is_file()
+    steps = sorted(p.name for p in (repo / "onerec_decoder" / "1").glob("decoder_step_*.onnx"))
+    assert steps == [f"decoder_step_{t}.onnx" for t in range(3)]
+    assert (repo / "onerec" / "config.pbtxt").is_file() and (repo / "onerec" / "1").is_dir()
+    assert "count: 2 kind: KIND_CPU" in (repo / "onerec_decoder" / "config.pbtxt").read_text()
+    catalog_dir = repo / "onerec_decoder" / "catalog"
+    assert (catalog_dir / "CURRENT").read_text().strip() == "1"
+    assert main([*build, *small]) == 0  # a rebuild publishes the next catalog version
+    assert (catalog_dir / "CURRENT").read_text().strip() == "2"
+
+    # Catalog changes publish new versions; a removed item leaves the live table.
+    live = catalog.load(catalog_dir)
+    gone = str(live.items.item_ids[0])
+    assert main(["catalog", "remove", gone, "--repository", str(repo)]) == 0
+    content = tmp_path / "new.npy"
+    np.save(content, Dataset.load(out / "data").item_content[:2] + 0.01)
+    add = ["catalog", "add", "n1", "n2", "--content", str(content)]
+    assert main([*add, "--tokenizer", str(out / "tokenizer"), "--repository", str(repo)]) == 0
+    latest = catalog.load(catalog_dir)
+    assert latest.version == 4 and gone not in set(latest.items.item_ids)
+    assert {"n1", "n2"} <= set(latest.items.item_ids)
+    assert latest.trie.contains(latest.items.codes).all()
+    assert main(["catalog", "remove", "no-such-item", "--repository", str(repo)]) == 2

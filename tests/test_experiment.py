@@ -12,7 +12,7 @@ TINY_MODEL = ["--d-model", "32", "--lifelong-len", "50", "--positive-len", "32",
 
 def test_build_train_eval_writes_the_report(tmp_path) -> None:
     art = tmp_path / "art"
-    assert main(["build", "--out", str(art), *TINY_DATA]) == 0
+    assert main(["build", "--out", str(art), "--until", "tokenizer", *TINY_DATA]) == 0
     train = ["train", "--artifacts", str(art), "--epochs", "1", "--threads", "1", *TINY_MODEL]
     assert main(train) == 0
     assert (art / "model" / "checkpoint.pt").is_file()

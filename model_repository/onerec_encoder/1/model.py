@@ -1,0 +1,41 @@
+"""Triton glue for the OneRec encoder; the batching logic is onerec.batching.encode_batch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from onerec.batching import check_encoder_request, encode_batch, run_valid
+from onerec.export import PATHWAY_INPUTS
+from onerec.model import OneRecConfig
+from onerec.onnx_model import OnnxEncoder
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        params = json.loads(args["model_config"]).get("parameters", {})
+        threads = int(params.get("intra_op_threads", {}).get("string_value", "0"))
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.cfg = OneRecConfig(**json.loads((version_dir / "model.json").read_text()))
+        self.encoder = OnnxEncoder(version_dir / "encoder.onnx", threads)
+
+    def execute(self, requests: list) -> list:
+        arrays = [
+            {n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in PATHWAY_INPUTS}
+            for r in requests
+        ]
+        results = run_valid(
+            arrays,
+            lambda a: check_encoder_request(a, self.cfg),
+            lambda batch: encode_batch(self.encoder, batch),
+        )
+        return [
+            pb_utils.InferenceResponse(error=pb_utils.TritonError(str(r)))
+            if isinstance(r, Exception)
+            else pb_utils.InferenceResponse(
+                [pb_utils.Tensor("keep", r[0]), pb_utils.Tensor("cross_kv", r[1])]
+            )
+            for r in results
+        ]

@@ -1,0 +1,207 @@
+"""What the Triton encoder and decoder models do with a dynamic batch, minus Triton.
+
+Triton hands ``execute()`` a list of requests whose sequences have their own lengths
+(``allow_ragged_batch``). Each function here stacks them into one padded batch, runs the
+model once, and splits the answer back per request, so a model file is only Triton
+glue and this logic is tested without a server.
+
+A request's arrays keep Triton's leading batch axis: a client may send several users in
+one request, so every request is ``rows`` users and the functions work on rows.
+Validation raises :class:`RequestError` naming the tensor; the caller fails that request
+alone and serves the rest of the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+from onerec.beam_search import constrained_beam_search, exclude_leaves
+from onerec.export import PATHWAY_INPUTS
+from onerec.model import N_FLAGS, N_GAP_BUCKETS, N_WATCH_BUCKETS, N_WEIGHT_BUCKETS, OneRecConfig
+from onerec.onnx_model import OnnxDecoder, OnnxEncoder
+from onerec.pathways import collate
+from onerec.trie import SIDTrie
+
+MAX_BEAM_WIDTH = 512
+
+
+class RequestError(ValueError):
+    """A request's tensors are unusable; the message names the tensor."""
+
+
+T = TypeVar("T")
+
+
+def run_valid(
+    requests: Sequence[dict[str, np.ndarray]],
+    check: Callable[[dict[str, np.ndarray]], None],
+    run: Callable[[list[dict[str, np.ndarray]]], list[T]],
+) -> list[T | Exception]:
+    """Check every request, run the valid ones as one batch, keep errors per request.
+
+    A bad request gets its :class:`RequestError`; if the batch itself fails, each of its
+    requests gets that error, and the model instance lives on to serve the next batch.
+    """
+    results: list[T | Exception] = [RuntimeError("not run")] * len(requests)
+    good = []
+    for i, request in enumerate(requests):
+        try:
+            check(request)
+            good.append(i)
+        except RequestError as e:
+            results[i] = e
+    if good:
+        try:
+            outputs = run([requests[i] for i in good])
+        except Exception as e:  # any failure of the batch, reported per request
+            outputs = [RuntimeError(f"batch failed: {e}")] * len(good)
+        for i, out in zip(good, outputs, strict=True):
+            results[i] = out
+    return results
+
+
+def _rows(request: dict[str, np.ndarray], names: Sequence[str]) -> int:
+    rows = {request[n].shape[0] for n in names if n in request}
+    if len(rows) != 1:
+        raise RequestError(f"inputs disagree on the batch size: {sorted(rows)}")
+    return rows.pop()
+
+
+def check_encoder_request(request: dict[str, np.ndarray], cfg: OneRecConfig) -> None:
+    """Shapes, lengths and every index against the model's tables (an out-of-range index
+    would fail the whole batch inside ONNX Runtime)."""
+    _rows(request, PATHWAY_INPUTS)
+    for name in PATHWAY_INPUTS:
+        a = request[name]
+        want = 3 if name.endswith("flags") else 2
+        if a.ndim != want or (want == 3 and a.shape[2] != N_FLAGS):
+            raise RequestError(f"{name}: expected {want} dimensions, got shape {a.shape}")
+    static = request["static"]
+    cards = np.asarray(cfg.static_cardinalities, np.int64)
+    if static.shape[1] != len(cards):
+        raise RequestError(f"static: expected {len(cards)} features, got {static.shape[1]}")
+    if ((static < 0) | (static >= cards)).any():
+        raise RequestError(f"static: codes must be below {cards.tolist()}")
+    limits = {"items": cfg.n_items + 1, "gap": N_GAP_BUCKETS - 1}
+    limits |= {"watch": N_WATCH_BUCKETS - 1, "weight": N_WEIGHT_BUCKETS - 1}
+    lengths = {"short": cfg.short_len, "pos": cfg.positive_len, "life": cfg.lifelong_len}
+    for prefix, max_len in lengths.items():
+        names = [n for n in PATHWAY_INPUTS if n.startswith(prefix)]
+        seq = {request[n].shape[1] for n in names}
+        if len(seq) != 1:
+            raise RequestError(f"{prefix}_*: sequence lengths disagree: {sorted(seq)}")
+        if seq.pop() > max_len:
+            raise RequestError(f"{prefix}_items: longer than {max_len}")
+        for name in names:
+            a, field = request[name], name.split("_", 1)[1]
+            if field == "flags":
+                if not np.isfinite(a).all():
+                    raise RequestError(f"{name}: must be finite")
+            elif ((a < 0) | (a > limits[field])).any():
+                raise RequestError(f"{name}: values must be in 0..{limits[field]}")
+
+
+def encode_batch(
+    encoder: OnnxEncoder, requests: Sequence[dict[str, np.ndarray]]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Valid requests -> per request (keep (rows, T), cross_kv (rows, 2 * layers, h, T, dh)).
+
+    Every row is padded to the batch's longest sequences; ``keep`` marks the padding,
+    which the decoder masks. Call :func:`check_encoder_request` first.
+    """
+    samples = [
+        {name: r[name][i] for name in PATHWAY_INPUTS}
+        for r in requests
+        for i in range(r["static"].shape[0])
+    ]
+    keep, kv = encoder.encode(collate(samples))
+    cross_kv = np.stack(kv, axis=1)  # (N, 2 * layers, h, T, dh)
+    bounds = np.cumsum([r["static"].shape[0] for r in requests])[:-1]
+    return list(zip(np.split(keep, bounds), np.split(cross_kv, bounds), strict=True))
+
+
+@dataclass(frozen=True)
+class Decoded:
+    sids: np.ndarray  # (rows, C, L) best first; C is the request's largest count, and
+    # rows past their own count or past the last legal SID are -1
+    scores: np.ndarray  # (rows, C) float32, -inf where sids is -1
+
+
+def check_decoder_request(request: dict[str, np.ndarray], trie: SIDTrie) -> None:
+    names = ("keep", "cross_kv", "beam_width", "count", "exclude_sids")
+    rows = _rows(request, names)
+    keep, kv = request["keep"], request["cross_kv"]
+    if keep.ndim != 2:
+        raise RequestError(f"keep: expected (batch, T), got {keep.shape}")
+    if kv.ndim != 5 or kv.shape[3] != keep.shape[1]:
+        raise RequestError(
+            f"cross_kv: expected (batch, 2L, heads, T={keep.shape[1]}, dh), got {kv.shape}"
+        )
+    for name in ("beam_width", "count"):
+        if request[name].shape != (rows, 1):
+            raise RequestError(f"{name}: expected shape ({rows}, 1), got {request[name].shape}")
+    width, count = request["beam_width"][:, 0], request["count"][:, 0]
+    if ((width < 1) | (width > MAX_BEAM_WIDTH)).any():
+        raise RequestError(f"beam_width: must be in 1..{MAX_BEAM_WIDTH}, got {width.tolist()}")
+    if ((count < 1) | (count > width)).any():
+        raise RequestError(f"count: must be in 1..beam_width, got {count.tolist()}")
+    exclude = request.get("exclude_sids")
+    if exclude is not None:
+        if exclude.ndim != 3 or exclude.shape[2] != trie.levels:
+            raise RequestError(
+                f"exclude_sids: expected (batch, E, {trie.levels}), got {exclude.shape}"
+            )
+        if ((exclude < -1) | (exclude >= trie.codebook_size)).any():
+            raise RequestError(f"exclude_sids: codes must be in -1..{trie.codebook_size - 1}")
+
+
+def _pad_to(a: np.ndarray, length: int, axis: int) -> np.ndarray:
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, length - a.shape[axis])
+    return np.pad(a, pad)
+
+
+def decode_batch(
+    decoder: OnnxDecoder, trie: SIDTrie, requests: Sequence[dict[str, np.ndarray]]
+) -> list[Decoded]:
+    """Valid requests -> their ranked SIDs: one beam search, one ONNX call per level.
+
+    Rows are padded to the longest encoder output (masked by ``keep``) and searched at the
+    widest beam; each row is cut back to its own width by the search itself.
+    """
+    longest = max(r["keep"].shape[1] for r in requests)
+    keep = np.concatenate([_pad_to(r["keep"], longest, 1) for r in requests])  # (N, T)
+    kv = np.concatenate([_pad_to(r["cross_kv"], longest, 3) for r in requests])
+    kv_list = [np.ascontiguousarray(kv[:, i]) for i in range(kv.shape[1])]
+    widths = np.concatenate([r["beam_width"][:, 0] for r in requests]).astype(np.int64)
+    counts = np.concatenate([r["count"][:, 0] for r in requests]).astype(np.int64)
+    excluded = [
+        row
+        for r in requests
+        for row in (
+            r["exclude_sids"]
+            if r.get("exclude_sids") is not None
+            else np.zeros((r["keep"].shape[0], 0, trie.levels), np.int64)
+        )
+    ]
+    result = constrained_beam_search(
+        lambda tokens: decoder.step(tokens, keep, kv_list),
+        len(keep),
+        widths,
+        trie,
+        exclude=exclude_leaves(trie, [e[(e >= 0).all(axis=1)] for e in excluded]),
+    )
+    out, start = [], 0
+    for r in requests:
+        stop = start + r["keep"].shape[0]
+        c = int(counts[start:stop].max())
+        sids, scores = result.sids[start:stop, :c].copy(), result.scores[start:stop, :c].copy()
+        beyond = np.arange(c)[None, :] >= counts[start:stop, None]  # a row's own count
+        sids[beyond], scores[beyond] = -1, -np.inf
+        out.append(Decoded(sids, scores))
+        start = stop
+    return out

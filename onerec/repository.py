@@ -1,0 +1,88 @@
+"""Fill a Triton model repository with a trained model: the last step of ``onerec build``.
+
+The tracked ``model_repository/`` holds only configs and ``model.py`` files. This writes
+the built artefacts beside them (all git-ignored)::
+
+    onerec_encoder/1/encoder.onnx, model.json
+    onerec_decoder/1/decoder_step_{0,1,2}.onnx, model.json
+    onerec_decoder/catalog/          versioned SID catalog (onerec.catalog)
+
+Writing into another directory first copies the tracked files there, which is how tests
+and Kubernetes images get a repository of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from onerec import catalog
+from onerec.export import export
+from onerec.model import OneRec
+from onerec.semantic_ids import ItemSIDs
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "model_repository"
+ENCODER, DECODER, ENSEMBLE = "onerec_encoder", "onerec_decoder", "onerec"
+CATALOG = "catalog"
+
+
+def catalog_dir(repository: str | Path) -> Path:
+    return Path(repository) / DECODER / CATALOG
+
+
+def _copy_template(dest: Path) -> None:
+    for model in (ENCODER, DECODER, ENSEMBLE):
+        (dest / model / "1").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(TEMPLATE / model / "config.pbtxt", dest / model / "config.pbtxt")
+        source = TEMPLATE / model / "1" / "model.py"
+        if source.is_file():
+            shutil.copy2(source, dest / model / "1" / "model.py")
+
+
+def set_instances(repository: str | Path, model: str, count: int) -> None:
+    """Rewrite the CPU instance count of ``model``'s config."""
+    if count < 1:
+        raise ValueError(f"instance count must be >= 1, got {count}")
+    path = Path(repository) / model / "config.pbtxt"
+    text, n = re.subn(
+        r"instance_group \[ \{ count: \d+ kind: KIND_CPU \} \]",
+        f"instance_group [ {{ count: {count} kind: KIND_CPU }} ]",
+        path.read_text(),
+    )
+    if n != 1:
+        raise ValueError(f"{path}: no single CPU instance_group to rewrite")
+    path.write_text(text)
+
+
+def write_model_repository(
+    model: OneRec,
+    items: ItemSIDs,
+    dest: str | Path = TEMPLATE,
+    encoder_instances: int = 1,
+    decoder_instances: int = 1,
+) -> int:
+    """Export ``model`` into ``dest`` and publish ``items`` as the next catalog version.
+
+    Returns the catalog version. Safe to run again on the same repository while Triton is
+    stopped; a running Triton picks up only catalog changes (see onerec.catalog).
+    """
+    dest = Path(dest).resolve()
+    if dest != TEMPLATE:
+        _copy_template(dest)
+    config = json.dumps(asdict(model.cfg), indent=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        export(model, tmp)
+        enc, dec = dest / ENCODER / "1", dest / DECODER / "1"
+        shutil.move(Path(tmp) / "encoder.onnx", enc / "encoder.onnx")
+        for level in range(model.cfg.sid_levels):
+            name = f"decoder_step_{level}.onnx"
+            shutil.move(Path(tmp) / name, dec / name)
+    for version_dir in (enc, dec):
+        (version_dir / "model.json").write_text(config)
+    set_instances(dest, ENCODER, encoder_instances)
+    set_instances(dest, DECODER, decoder_instances)
+    return catalog.publish(catalog_dir(dest), items, model.cfg.codebook_size)

@@ -1,0 +1,85 @@
+"""Tensors for Triton's ``onerec`` ensemble, and the tiny inference that proves it serves.
+
+One user's pathway arrays (:func:`onerec.pathways.build_pathways`) become the ensemble's
+inputs with a batch axis of one; Triton's dynamic batcher, not the client, forms batches.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from onerec.export import PATHWAY_INPUTS
+from onerec.model import N_FLAGS, OneRecConfig
+
+ENSEMBLE = "onerec"
+OUTPUTS = ("sids", "scores", "catalog_version")
+
+
+def _tensor(name: str, array: np.ndarray) -> grpcclient.InferInput:
+    array = np.ascontiguousarray(array)
+    datatype = {np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32"}.get(array.dtype, "FP32")
+    tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def ensemble_inputs(
+    pathways: dict[str, np.ndarray],
+    beam_width: int,
+    count: int,
+    exclude_sids: np.ndarray | None = None,
+) -> list[grpcclient.InferInput]:
+    """One user's pathways plus the search settings, each with a leading batch axis of 1."""
+    inputs = []
+    for name in PATHWAY_INPUTS:
+        dtype = np.float32 if name.endswith("flags") else np.int64
+        inputs.append(_tensor(name, np.asarray(pathways[name], dtype)[None]))
+    inputs.append(_tensor("beam_width", np.array([[beam_width]], np.int32)))
+    inputs.append(_tensor("count", np.array([[count]], np.int32)))
+    if exclude_sids is not None and len(exclude_sids):
+        inputs.append(_tensor("exclude_sids", np.asarray(exclude_sids, np.int64)[None]))
+    return inputs
+
+
+def requested_outputs() -> list[grpcclient.InferRequestedOutput]:
+    return [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
+
+
+def empty_pathways(cfg: OneRecConfig) -> dict[str, np.ndarray]:
+    """A user with no history and the first value of every static feature."""
+    one = np.zeros(1, np.int64)
+    flags = np.zeros((1, N_FLAGS), np.float32)
+    out = {"static": np.zeros(len(cfg.static_cardinalities), np.int64)}
+    for prefix in ("short", "pos"):
+        out |= {f"{prefix}_items": one, f"{prefix}_gap": one, f"{prefix}_watch": one}
+        out[f"{prefix}_flags"] = flags
+    out |= {"life_items": one, "life_gap": one, "life_weight": one}
+    return out
+
+
+def model_config(repository: str | Path) -> OneRecConfig:
+    """The config the repository's encoder was exported with."""
+    path = Path(repository) / "onerec_encoder" / "1" / "model.json"
+    return OneRecConfig(**json.loads(path.read_text()))
+
+
+def probe(url: str, cfg: OneRecConfig, timeout_s: float = 30.0) -> np.ndarray:
+    """Run one real beam-1 inference through the ensemble; raise unless it returns a SID.
+
+    Triton can call a model ready after its python stub died; only this proves it serves.
+    """
+    with grpcclient.InferenceServerClient(url) as client:
+        result = client.infer(
+            ENSEMBLE,
+            ensemble_inputs(empty_pathways(cfg), beam_width=1, count=1),
+            outputs=requested_outputs(),
+            client_timeout=timeout_s,
+        )
+    sids = result.as_numpy("sids")
+    if sids is None or sids.shape != (1, 1, cfg.sid_levels) or (sids < 0).any():
+        raise RuntimeError(f"probe inference returned no SID: {sids!r}")
+    return sids

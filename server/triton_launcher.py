@@ -1,0 +1,222 @@
+"""Start the real ``tritonserver`` that ships inside the ``nvidia-pytriton`` wheel.
+
+The wheel carries Triton 2.51 with only the python backend, which runs on the CPU. It
+needs four things the wheel does not arrange by itself (see DESIGN.md):
+
+* ``LD_LIBRARY_PATH`` with ``site-packages/nvidia_pytriton.libs``;
+* a backend directory whose ``python/`` also holds the ``triton_python_backend_stub``
+  built for this interpreter's version (the wheel keeps one per version aside);
+* ``--cache-directory`` at the wheel's ``caches``;
+* this venv's ``bin`` first on ``PATH``, so the stub imports the venv's packages.
+
+:class:`TritonProcess` starts it, waits until the server and every model are ready,
+proves readiness with a real tiny inference (Triton can report ready after a python stub
+has died), forwards its log lines to ours, and stops it with SIGTERM, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tritonclient.http as httpclient
+
+log = logging.getLogger(__name__)
+
+MODELS = ("onerec_encoder", "onerec_decoder", "onerec")
+
+
+def _env_port(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+@dataclass
+class TritonPorts:
+    """Triton's ports; each defaults to DESIGN.md's and reads an environment override."""
+
+    http: int = field(default_factory=lambda: _env_port("TRITON_HTTP_PORT", 8000))
+    grpc: int = field(default_factory=lambda: _env_port("TRITON_GRPC_PORT", 8001))
+    metrics: int = field(default_factory=lambda: _env_port("TRITON_METRICS_PORT", 8002))
+
+
+def pytriton_dir() -> Path:
+    import pytriton  # the wheel is only needed where Triton is launched locally
+
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def backend_directory(cache: Path | None = None) -> Path:
+    """A copy of the wheel's backends with this Python's stub in ``python/``.
+
+    Made once per venv and interpreter version; the copy is assembled aside and renamed
+    into place, so concurrent launchers never see half a directory.
+    """
+    source = pytriton_dir()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    target = (cache or Path(sys.prefix) / "triton-backends") / version
+    if (target / "python" / "triton_python_backend_stub").is_file():
+        return target
+    staging = target.with_name(f".{target.name}.{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source / "backends", staging)
+    stub = source / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise FileNotFoundError(f"nvidia-pytriton has no python backend stub for Python {version}")
+    shutil.copy2(stub, staging / "python" / "triton_python_backend_stub")
+    try:
+        staging.rename(target)
+    except OSError:  # another launcher won the race; its copy is as good as ours
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def triton_command(
+    repository: Path, ports: TritonPorts, log_verbose: int = 0, extra: list[str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The ``tritonserver`` argv and environment for ``repository``."""
+    root = pytriton_dir()
+    libs = root.parents[1] / "nvidia_pytriton.libs"
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p
+    )
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    argv = [
+        str(root / "bin" / "tritonserver"),
+        f"--model-repository={repository}",
+        f"--backend-directory={backend_directory()}",
+        f"--cache-directory={root / 'caches'}",
+        f"--http-port={ports.http}",
+        f"--grpc-port={ports.grpc}",
+        f"--metrics-port={ports.metrics}",
+        "--model-control-mode=explicit",
+        "--load-model=*",
+        f"--log-verbose={log_verbose}",
+        "--exit-on-error=true",
+        "--strict-readiness=true",
+        *(extra or []),
+    ]
+    return argv, env
+
+
+class TritonProcess:
+    """A running ``tritonserver``; a context manager that waits for ready and stops it."""
+
+    def __init__(
+        self,
+        repository: str | Path,
+        ports: TritonPorts | None = None,
+        probe: Callable[[str], None] | None = None,
+        extra_args: list[str] | None = None,
+        log_verbose: int = 0,
+    ) -> None:
+        self.repository = Path(repository).resolve()
+        self.ports = ports or TritonPorts()
+        self.probe = probe
+        self.extra_args = extra_args or []
+        self.log_verbose = log_verbose
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: list[str] = []  # the log so far, for error messages and tests
+        self._pump: threading.Thread | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.ports.http}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+    def start(self, timeout: float = 180.0) -> TritonProcess:
+        argv, env = triton_command(self.repository, self.ports, self.log_verbose, self.extra_args)
+        log.info("starting %s", " ".join(argv))
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # our SIGINT is for us; Triton gets an orderly SIGTERM
+        )
+        self._pump = threading.Thread(target=self._forward_logs, daemon=True)
+        self._pump.start()
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _forward_logs(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.rstrip()
+            self.lines.append(line)
+            log.info("triton: %s", line)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Server live and every model ready, then one real inference through ``probe``."""
+        deadline = time.monotonic() + timeout
+        client = httpclient.InferenceServerClient(self.http_url)
+        try:
+            while True:
+                if self.proc is not None and self.proc.poll() is not None:
+                    tail = "\n".join(self.lines[-30:])
+                    raise RuntimeError(f"tritonserver exited with {self.proc.returncode}:\n{tail}")
+                try:
+                    if client.is_server_ready() and all(client.is_model_ready(m) for m in MODELS):
+                        break
+                except Exception:  # connection refused while it starts
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"tritonserver not ready after {timeout:.0f}s")
+                time.sleep(0.25)
+        finally:
+            client.close()
+        if self.probe is not None:
+            self.probe(self.grpc_url)
+        log.info("triton ready: http %s grpc %s", self.http_url, self.grpc_url)
+
+    def stop(self, grace: float = 30.0) -> int | None:
+        """SIGTERM, wait up to ``grace`` seconds for the models to unload, then SIGKILL."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            log.warning("tritonserver ignored SIGTERM for %.0fs; killing it", grace)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        if self._pump is not None:
+            self._pump.join(5)
+        return self.proc.returncode
+
+    def __enter__(self) -> TritonProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve_forever(process: TritonProcess) -> int:
+    """Run until SIGINT/SIGTERM (or until Triton dies), then stop it cleanly."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    process.start()
+    while not stop.wait(1.0):
+        if process.proc is not None and process.proc.poll() is not None:
+            log.error("tritonserver exited with %s", process.proc.returncode)
+            return process.proc.returncode or 1
+    process.stop()
+    return 0

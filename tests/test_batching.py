@@ -1,0 +1,141 @@
+"""The Triton models' batch logic without Triton: ragged stacking, per-request errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from onerec.batching import (
+    RequestError,
+    check_decoder_request,
+    check_encoder_request,
+    decode_batch,
+    encode_batch,
+    run_valid,
+)
+from onerec.export import export
+from onerec.model import OneRec, OneRecConfig
+from onerec.onnx_model import OnnxDecoder, OnnxEncoder
+from onerec.trie import SIDTrie
+from server.triton_client import empty_pathways
+
+CFG = OneRecConfig(
+    n_items=50,
+    static_cardinalities=(3,),
+    codebook_size=8,
+    d_model=16,
+    n_heads=2,
+    d_ff=32,
+    d_expert=32,
+    positive_len=16,
+    lifelong_len=40,
+    n_queries=4,
+)
+
+
+@pytest.fixture(scope="module")
+def onnx(tmp_path_factory):
+    torch.manual_seed(1)
+    n = CFG.n_items + 2
+    sids = torch.randint(0, CFG.codebook_size, (n, CFG.sid_levels))
+    model = OneRec(
+        CFG,
+        torch.randn(n, CFG.item_vector_dim),
+        torch.zeros(n, dtype=torch.long),
+        torch.zeros(n, dtype=torch.long),
+        sids,
+    )
+    out = tmp_path_factory.mktemp("onnx")
+    export(model.eval(), out)
+    trie = SIDTrie.from_codes(sids[1:-1].numpy(), CFG.codebook_size)
+    return OnnxEncoder(out / "encoder.onnx", 1), OnnxDecoder(out, 1), trie
+
+
+def _request(length: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    p = empty_pathways(CFG)
+    for prefix in ("short", "pos", "life"):
+        p[f"{prefix}_items"] = rng.integers(1, CFG.n_items + 1, length)
+        for field in ("gap", "watch", "weight"):
+            if f"{prefix}_{field}" in p:
+                p[f"{prefix}_{field}"] = rng.integers(1, 5, length)
+        if f"{prefix}_flags" in p:
+            p[f"{prefix}_flags"] = rng.integers(0, 2, (length, 6)).astype(np.float32)
+    return {k: v[None] for k, v in p.items()}
+
+
+def test_ragged_requests_decode_as_if_alone(onnx) -> None:
+    encoder, decoder, trie = onnx
+    requests = [_request(n, seed=n) for n in (3, 11, 7)]
+    for r in requests:
+        check_encoder_request(r, CFG)
+    encoded = encode_batch(encoder, requests)
+    widths, counts = (16, 4, 9), (5, 4, 9)
+    decoder_requests = [
+        {
+            "keep": keep,
+            "cross_kv": kv,
+            "beam_width": np.array([[w]], np.int32),
+            "count": np.array([[c]], np.int32),
+        }
+        for (keep, kv), w, c in zip(encoded, widths, counts, strict=True)
+    ]
+    together = decode_batch(decoder, trie, decoder_requests)
+    for i, r in enumerate(requests):
+        alone = decode_batch(
+            decoder,
+            trie,
+            [
+                {
+                    **decoder_requests[i],
+                    **dict(zip(("keep", "cross_kv"), encode_batch(encoder, [r])[0], strict=True)),
+                }
+            ],
+        )[0]
+        assert together[i].sids.shape == (1, counts[i], 3)
+        np.testing.assert_array_equal(together[i].sids, alone.sids)
+        np.testing.assert_allclose(together[i].scores, alone.scores, atol=1e-5)
+        assert trie.contains(together[i].sids[0][together[i].sids[0, :, 0] >= 0]).all()
+
+
+def test_bad_requests_fail_alone(onnx) -> None:
+    encoder, _, _ = onnx
+    bad = _request(4, 0) | {"short_items": np.full((1, 4), CFG.n_items + 5)}
+    results = run_valid(
+        [_request(4, 1), bad, _request(2, 2)],
+        lambda a: check_encoder_request(a, CFG),
+        lambda batch: encode_batch(encoder, batch),
+    )
+    assert isinstance(results[1], RequestError) and "short_items" in str(results[1])
+    assert not isinstance(results[0], Exception) and not isinstance(results[2], Exception)
+
+
+def test_a_failing_batch_fails_each_request_but_returns() -> None:
+    def explode(batch: list) -> list:
+        raise MemoryError("out of memory")
+
+    results = run_valid([{}, {}], lambda a: None, explode)
+    assert all("batch failed: out of memory" in str(r) for r in results)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"beam_width": np.array([[0]], np.int32)}, "beam_width"),
+        ({"count": np.array([[9]], np.int32)}, "count"),
+        ({"exclude_sids": np.full((1, 2, 3), 8)}, "exclude_sids"),
+        ({"keep": np.ones((1, 2), bool)}, "cross_kv"),
+    ],
+)
+def test_decoder_checks_name_the_field(onnx, change, field) -> None:
+    encoder, _, trie = onnx
+    keep, kv = encode_batch(encoder, [_request(3, 0)])[0]
+    request = {
+        "keep": keep,
+        "cross_kv": kv,
+        "beam_width": np.array([[8]], np.int32),
+        "count": np.array([[8]], np.int32),
+    } | change
+    with pytest.raises(RequestError, match=field):
+        check_decoder_request(request, trie)

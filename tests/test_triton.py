@@ -1,0 +1,229 @@
+"""The model repository served by the real ``tritonserver`` (nvidia-pytriton's, on CPU).
+
+One Triton per module, started by the project's launcher on free ports against a tiny
+randomly initialised model: random weights are the adversarial case for the trie, and
+equality with the offline reference does not need a trained model.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from onerec import catalog
+from onerec.beam_search import constrained_beam_search, exclude_leaves
+from onerec.cli import main
+from onerec.experiment import load_catalog
+from onerec.onnx_model import OnnxDecoder, OnnxEncoder
+from onerec.pathways import EventArrays, build_pathways, collate
+from onerec.repository import catalog_dir, write_model_repository
+from onerec.semantic_ids import load_item_sids
+from onerec.train import build_model, model_config
+from server.triton_client import (
+    ENSEMBLE,
+    empty_pathways,
+    ensemble_inputs,
+    probe,
+    requested_outputs,
+)
+from server.triton_launcher import TritonPorts, TritonProcess
+
+TINY_DATA = ["--users", "40", "--items", "150", "--max-history", "300", "--codebook-size", "8"]
+SIZES = {"d_model": 32, "d_ff": 64, "d_expert": 64, "lifelong_len": 50, "positive_len": 32}
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("triton")
+    art = root / "art"
+    assert main(["build", "--out", str(art), "--until", "tokenizer", *TINY_DATA]) == 0
+    ds, cat, _ = load_catalog(art)
+    cfg = model_config(ds, cat, 8, n_queries=8, **SIZES)
+    torch.manual_seed(0)
+    repo = root / "repo"
+    write_model_repository(build_model(cfg, cat).eval(), load_item_sids(art / "tokenizer"), repo)
+    triton = TritonProcess(repo, TritonPorts(*_free_ports(3)), probe=lambda url: probe(url, cfg))
+    with triton:
+        yield triton, ds, cfg, repo, art
+
+
+def _pathways(served, users: range) -> list[dict[str, np.ndarray]]:
+    """The pathways the front end would build for ``users`` right after their last event."""
+    _, ds, cfg, _, art = served
+    events = EventArrays.from_dataset(ds)
+    static = ds.users[ds.static_feature_columns()].to_numpy(np.int64)
+    vectors = np.load(art / "tokenizer" / "item_embeddings.npy")
+    out = []
+    for u in users:
+        h = events.user(u)
+        out.append(build_pathways(h, int(h.timestamp[-1]) + 1000, static[u], vectors, cfg))
+    return out
+
+
+def _infer(url: str, pathways, beam: int, count: int, exclude=None):
+    with grpcclient.InferenceServerClient(url) as client:
+        r = client.infer(
+            ENSEMBLE, ensemble_inputs(pathways, beam, count, exclude), outputs=requested_outputs()
+        )
+    return r.as_numpy("sids")[0], r.as_numpy("scores")[0], int(r.as_numpy("catalog_version")[0, 0])
+
+
+def _reference(repo: Path, pathways, beam: int, trie, exclude=None):
+    encoder = OnnxEncoder(repo / "onerec_encoder" / "1" / "encoder.onnx", threads=1)
+    decoder = OnnxDecoder(repo / "onerec_decoder" / "1", threads=1)
+    keep, kv = encoder.encode(collate([pathways]))
+    leaves = None if exclude is None else exclude_leaves(trie, [exclude])
+    return constrained_beam_search(
+        lambda t: decoder.step(t, keep, kv), 1, beam, trie, exclude=leaves
+    )
+
+
+def test_top_k_equals_the_offline_reference(served) -> None:
+    triton, _, _, repo, _ = served
+    trie = catalog.load(catalog_dir(repo)).trie
+    for pathways in _pathways(served, range(0, 40, 5)):
+        for beam in (1, 16, 64):
+            sids, scores, _ = _infer(triton.grpc_url, pathways, beam, beam)
+            ref = _reference(repo, pathways, beam, trie)
+            n = int(ref.valid[0].sum())
+            np.testing.assert_array_equal(sids[:n], ref.sids[0, :n])
+            np.testing.assert_allclose(scores[:n], ref.scores[0, :n], rtol=1e-5, atol=1e-5)
+            assert (sids[n:] == -1).all()
+
+
+def test_exclusions_are_honoured_like_the_reference(served) -> None:
+    triton, _, _, repo, _ = served
+    trie = catalog.load(catalog_dir(repo)).trie
+    pathways = _pathways(served, range(3, 4))[0]
+    top, _, _ = _infer(triton.grpc_url, pathways, 32, 32)
+    exclude = top[:5]
+    sids, _, _ = _infer(triton.grpc_url, pathways, 32, 32, exclude)
+    ref = _reference(repo, pathways, 32, trie, exclude)
+    np.testing.assert_array_equal(sids, np.where(ref.valid[0, :, None], ref.sids[0], -1))
+    returned = {tuple(s) for s in sids if s[0] >= 0}
+    assert not returned & {tuple(s) for s in exclude}
+
+
+def test_no_illegal_sid_at_beam_512_with_random_weights(served) -> None:
+    """Beam 512 over a catalog with fewer SIDs than that: every legal SID comes back and
+    nothing else, for every request, while many requests are batched together."""
+    triton, _, _, repo, _ = served
+    legal = {tuple(s) for s in catalog.load(catalog_dir(repo)).trie.sids}
+    requests = _pathways(served, range(40))
+    answers: list = [None] * len(requests)
+
+    def run(i: int) -> None:
+        answers[i] = _infer(triton.grpc_url, requests[i], 512, 512)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for sids, scores, _ in answers:
+        valid = sids[:, 0] >= 0
+        returned = [tuple(s) for s in sids[valid]]
+        assert set(returned) == legal and len(returned) == len(legal)
+        assert np.isfinite(scores[valid]).all() and np.isneginf(scores[~valid]).all()
+
+
+def _stats(url: str, model: str) -> tuple[int, int]:
+    with grpcclient.InferenceServerClient(url) as client:
+        s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
+
+
+def test_dynamic_batching_batches_concurrent_requests(served) -> None:
+    triton, *_ = served
+    before = {m: _stats(triton.grpc_url, m) for m in ("onerec_encoder", "onerec_decoder")}
+    requests = _pathways(served, range(32)) * 2
+
+    def run(chunk: list) -> None:
+        for p in chunk:
+            _infer(triton.grpc_url, p, 64, 10)
+
+    threads = [threading.Thread(target=run, args=(requests[i::16],)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for model, (inf0, exe0) in before.items():
+        inferences, executions = (
+            a - b for a, b in zip(_stats(triton.grpc_url, model), (inf0, exe0), strict=True)
+        )
+        assert inferences == len(requests)
+        assert executions < inferences, f"{model}: {executions} executions for {inferences}"
+
+
+def test_catalog_update_takes_effect_without_restart(served) -> None:
+    triton, _, cfg, repo, _ = served
+    live = catalog.load(catalog_dir(repo))
+    items = live.items
+    # Remove every item of three SIDs that only one item carries; add an item whose SID
+    # no item had.
+    unique = np.flatnonzero(
+        np.unique(items.codes, axis=0, return_counts=True)[1][
+            np.unique(items.codes, axis=0, return_inverse=True)[1].ravel()
+        ]
+        == 1
+    )
+    removed = items.item_ids[unique[:3]]
+    removed_sids = {tuple(s) for s in items.codes[unique[:3]]}
+    taken = {tuple(s) for s in items.codes}
+    new_sid = next(s for s in np.ndindex(*(cfg.codebook_size,) * cfg.sid_levels) if s not in taken)
+    updated = catalog.with_changes(
+        items, add_ids=["brand-new"], add_codes=np.array([new_sid]), remove_ids=removed
+    )
+    version = catalog.publish(catalog_dir(repo), updated, cfg.codebook_size)
+    assert version == live.version + 1
+    for pathways in _pathways(served, range(0, 40, 4)):
+        sids, _, used = _infer(triton.grpc_url, pathways, 512, 512)
+        returned = {tuple(s) for s in sids if s[0] >= 0}
+        assert used == version
+        assert tuple(new_sid) in returned
+        assert not returned & removed_sids
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"beam_width": np.array([[0]], np.int32)}, "beam_width"),
+        ({"beam_width": np.array([[513]], np.int32)}, "beam_width"),
+        ({"count": np.array([[20]], np.int32)}, "count"),
+        ({"short_items": np.array([[10**9]], np.int64)}, "short_items"),
+        ({"static": np.zeros((1, 9), np.int64)}, "static"),
+        ({"exclude_sids": np.zeros((1, 2, 5), np.int64)}, "exclude_sids"),
+        ({"short_items": np.array([[1.5]], np.float32)}, "short_items"),
+        ({"pos_flags": np.zeros((1, 3, 2), np.float32)}, "pos_flags"),
+    ],
+)
+def test_bad_tensors_get_a_clear_error_and_the_server_keeps_serving(served, change, message):
+    triton, _, cfg, *_ = served
+    inputs = {i.name(): i for i in ensemble_inputs(empty_pathways(cfg), 16, 10)}
+    for name, array in change.items():
+        dtype = {np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32"}.get(array.dtype, "FP32")
+        inputs[name] = grpcclient.InferInput(name, list(array.shape), dtype)
+        inputs[name].set_data_from_numpy(array)
+    with (
+        grpcclient.InferenceServerClient(triton.grpc_url) as client,
+        pytest.raises(InferenceServerException, match=message),
+    ):
+        client.infer(ENSEMBLE, list(inputs.values()), outputs=requested_outputs())
+    probe(triton.grpc_url, cfg)  # the stubs survived
