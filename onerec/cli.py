@@ -27,6 +27,8 @@ from onerec.experiment import (
     write_eval_report,
 )
 from onerec.export import export
+from onerec.model import OneRecConfig
+from onerec.pathways import EventArrays, build_pathways
 from onerec.repository import TEMPLATE, catalog_dir, write_model_repository
 from onerec.semantic_ids import load_item_sids, tokenize_dataset, tokenize_new_items
 from onerec.tokenizer import SemanticTokenizer, TokenizerConfig, collision_stats
@@ -268,11 +270,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_triton(args: argparse.Namespace) -> int:
     """Serve a model repository with the local tritonserver until SIGINT/SIGTERM."""
-    from server.triton_client import model_config, probe
+    from server.triton_client import probe, repository_config
     from server.triton_launcher import TritonPorts, TritonProcess, serve_forever
 
     logging.getLogger("server").setLevel(logging.INFO)
-    cfg = model_config(args.repository)
+    cfg = repository_config(args.repository)
     ports = TritonPorts()
     for name in ("http", "grpc", "metrics"):
         if getattr(args, f"{name}_port") is not None:
@@ -303,6 +305,60 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     version = catalog.publish(directory, updated, live.trie.codebook_size)
     console.print(f"catalog v{version} live: {len(updated.item_ids):,} items")
     return 0
+
+
+def _serving_pathways(artifacts: Path, cfg: OneRecConfig, users: int, seed: int) -> list:
+    """Pathways of a seeded sample of users, as the front end builds them after their last
+    event (the lifelong compression runs here, outside the timed loop)."""
+    ds = Dataset.load(artifacts / "data")
+    events = EventArrays.from_dataset(ds)
+    static = ds.users[ds.static_feature_columns()].to_numpy(np.int64)
+    vectors = np.load(artifacts / "tokenizer" / "item_embeddings.npy")
+    chosen = np.random.default_rng(seed).choice(ds.n_users, min(users, ds.n_users), replace=False)
+    out = []
+    for u in chosen:
+        h = events.user(int(u))
+        out.append(build_pathways(h, int(h.timestamp[-1]) + 1000, static[u], vectors, cfg))
+    return out
+
+
+def cmd_bench_triton(args: argparse.Namespace) -> int:
+    """Latency and throughput through Triton per beam width and client concurrency."""
+    from server import triton_bench
+    from server.triton_client import probe, repository_config
+    from server.triton_launcher import TritonProcess
+
+    cfg = repository_config(args.repository)
+    pathways = _serving_pathways(Path(args.artifacts), cfg, args.users, args.seed)
+    process = None
+    if args.url is None:
+        process = TritonProcess(args.repository, probe=lambda url: probe(url, cfg)).start()
+    url = args.url or process.grpc_url
+    table = Table(title=f"Triton ensemble `onerec`, {args.requests} requests per row")
+    for col in ("beam", "clients", "QPS", "p50 ms", "p99 ms", "batch enc", "batch dec"):
+        table.add_column(col, justify="right")
+    try:
+        for beam in args.beams:
+            for clients in args.concurrency:
+                row = triton_bench.run(url, pathways, beam, clients, args.requests)
+                table.add_row(
+                    str(beam),
+                    str(clients),
+                    f"{row.qps:.1f}",
+                    f"{row.p50_ms:.1f}",
+                    f"{row.p99_ms:.1f}",
+                    f"{row.mean_batch['onerec_encoder']:.2f}",
+                    f"{row.mean_batch['onerec_decoder']:.2f}",
+                )
+    finally:
+        if process is not None:
+            process.stop()
+    console.print(table)
+    return 0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -406,6 +462,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_tokenizer_knobs(p)
     p.set_defaults(func=cmd_bench_tokenizer)
+    p = bench.add_parser("triton", help="latency/QPS through Triton per beam width and clients")
+    p.add_argument("--repository", default=str(TEMPLATE))
+    p.add_argument("--artifacts", default="artifacts/synthetic", help="data set for the users")
+    p.add_argument("--url", help="a running Triton's gRPC host:port (default: start one)")
+    p.add_argument("--beams", type=_ints, default=[64, 128, 256, 512])
+    p.add_argument("--concurrency", type=_ints, default=[1, 8])
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--users", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_bench_triton)
     return parser
 
 

@@ -61,7 +61,7 @@ def empty_pathways(cfg: OneRecConfig) -> dict[str, np.ndarray]:
     return out
 
 
-def model_config(repository: str | Path) -> OneRecConfig:
+def repository_config(repository: str | Path) -> OneRecConfig:
     """The config the repository's encoder was exported with."""
     path = Path(repository) / "onerec_encoder" / "1" / "model.json"
     return OneRecConfig(**json.loads(path.read_text()))

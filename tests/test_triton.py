@@ -7,7 +7,10 @@ equality with the offline reference does not need a trained model.
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from server.triton_client import (
     empty_pathways,
     ensemble_inputs,
     probe,
+    repository_config,
     requested_outputs,
 )
 from server.triton_launcher import TritonPorts, TritonProcess
@@ -227,3 +231,30 @@ def test_bad_tensors_get_a_clear_error_and_the_server_keeps_serving(served, chan
     ):
         client.infer(ENSEMBLE, list(inputs.values()), outputs=requested_outputs())
     probe(triton.grpc_url, cfg)  # the stubs survived
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_onerec_triton_waits_for_ready_and_stops_cleanly_on_signal(served, sig) -> None:
+    _, _, _, repo, _ = served
+    http, grpc_port, metrics = _free_ports(3)
+    argv = [sys.executable, "-m", "onerec", "triton", "--repository", str(repo)]
+    ports = ["--http-port", str(http), "--grpc-port", str(grpc_port)]
+    proc = subprocess.Popen(
+        [*argv, *ports, "--metrics-port", str(metrics)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        for line in proc.stdout:  # the launcher logs readiness only after the probe passed
+            if "triton ready" in line:
+                break
+        else:
+            pytest.fail(f"onerec triton exited with {proc.wait()} before it was ready")
+        probe(f"127.0.0.1:{grpc_port}", repository_config(repo))
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == 0
+        rest = proc.stdout.read()
+        assert "successfully unloaded 'onerec_decoder'" in rest
+    finally:
+        proc.kill()
