@@ -6,9 +6,17 @@ STAMP := $(VENV)/.installed
 # pip's find-links index on this machine is noisy about missing mirror folders.
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install run test eval lint format build bench-tokenizer clean
+.PHONY: install stubs run test eval lint format build bench-tokenizer clean
 
-install: $(STAMP)
+PROTO := protos/onerec/v1/recommender.proto
+STUBS := onerec/v1/recommender_pb2_grpc.py
+
+install: $(STAMP) $(STUBS)
+
+# The gRPC stubs are generated, never edited: protoc writes onerec/v1/ (git-ignored).
+stubs: $(STUBS)
+$(STUBS): $(PROTO) $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)
 
 # torch first and pinned, so nothing pulls a CUDA build; then the project with its extras.
 $(STAMP): pyproject.toml

@@ -1,0 +1,227 @@
+"""Where the front end reads users' profiles and histories, and appends their events.
+
+:class:`FeatureStore` is the interface; :class:`SQLiteFeatureStore` is the embedded
+default, a real database file in WAL mode:
+
+* ``append`` commits (``synchronous=FULL``) before it returns, so an acknowledged event
+  survives ``kill -9`` of the server and a power cut;
+* readers never block the writer nor each other (WAL), and each thread has its own
+  connection, so the asyncio server can call the store from a thread pool;
+* a user's reads are index range scans: the last ``n`` events, the last ``n`` positive
+  events, or the whole history (for the lifelong pathway, which the caller caches by
+  :meth:`FeatureStore.version`).
+
+Events hold the item's string id and, for speed, its model index (``n_items`` for items
+the model never saw, which the encoder reads as the unknown item).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from onerec.data.schema import Dataset
+from onerec.engagement import engagement_score, is_positive
+from onerec.pathways import FLAG_COLUMNS, History
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+  user_id TEXT PRIMARY KEY,
+  static BLOB NOT NULL               -- int64 profile codes
+);
+CREATE TABLE IF NOT EXISTS events (
+  user_id TEXT NOT NULL,
+  ts INTEGER NOT NULL,               -- ms since the epoch
+  item_id TEXT NOT NULL,
+  item_idx INTEGER NOT NULL,         -- model index; n_items = unknown to the model
+  watch_ms INTEGER NOT NULL,
+  duration_ms INTEGER NOT NULL,
+  flags INTEGER NOT NULL,            -- bit i = FLAG_COLUMNS[i]
+  positive INTEGER NOT NULL          -- onerec.engagement.is_positive
+);
+CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, ts);
+CREATE INDEX IF NOT EXISTS positives_by_user ON events (user_id, positive, ts);
+CREATE TABLE IF NOT EXISTS versions (
+  user_id TEXT PRIMARY KEY,
+  n_events INTEGER NOT NULL          -- grows with every append: the cache key
+);
+"""
+_COLUMNS = "item_idx, ts, watch_ms, duration_ms, flags"
+_BITS = 1 << np.arange(len(FLAG_COLUMNS))
+
+
+@dataclass(frozen=True)
+class EventRow:
+    """One event as the store keeps it."""
+
+    item_id: str
+    item_idx: int
+    timestamp_ms: int
+    watch_ms: int
+    duration_ms: int
+    flags: tuple[bool, ...]  # FLAG_COLUMNS order
+    positive: bool
+
+
+class FeatureStore(Protocol):
+    def static(self, user_id: str) -> np.ndarray | None:
+        """The user's profile codes, or None for a user the store has never seen."""
+        ...
+
+    def version(self, user_id: str) -> int:
+        """Events stored for the user; changes whenever events are appended."""
+        ...
+
+    def recent(self, user_id: str, n: int, positive_only: bool = False) -> History:
+        """The last ``n`` events (optionally only positive ones), in time order."""
+        ...
+
+    def history(self, user_id: str) -> History:
+        """Every event, in time order."""
+        ...
+
+    def append(self, user_id: str, events: Iterable[EventRow]) -> int:
+        """Durably append; returns the number of events committed."""
+        ...
+
+
+def _history(rows: list[tuple]) -> History:
+    a = np.array(rows, dtype=np.int64).reshape(len(rows), 5)
+    flags = ((a[:, 4:5] & _BITS) > 0).astype(np.int8)
+    return History(a[:, 0], a[:, 1], a[:, 2], a[:, 3], flags)
+
+
+class SQLiteFeatureStore:
+    """The :class:`FeatureStore` in one SQLite file (WAL)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._local = threading.local()
+        self._conn().executescript(_SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            self._local.conn = conn
+        return conn
+
+    def static(self, user_id: str) -> np.ndarray | None:
+        sql = "SELECT static FROM users WHERE user_id=?"
+        row = self._conn().execute(sql, (user_id,)).fetchone()
+        return None if row is None else np.frombuffer(row[0], np.int64).copy()
+
+    def version(self, user_id: str) -> int:
+        row = (
+            self._conn()
+            .execute("SELECT n_events FROM versions WHERE user_id=?", (user_id,))
+            .fetchone()
+        )
+        return 0 if row is None else int(row[0])
+
+    def recent(self, user_id: str, n: int, positive_only: bool = False) -> History:
+        where = "user_id=? AND positive=1" if positive_only else "user_id=?"
+        rows = (
+            self._conn()
+            .execute(
+                f"SELECT {_COLUMNS} FROM events WHERE {where} ORDER BY ts DESC, rowid DESC LIMIT ?",
+                (user_id, n),
+            )
+            .fetchall()
+        )
+        return _history(rows[::-1])
+
+    def history(self, user_id: str) -> History:
+        rows = (
+            self._conn()
+            .execute(
+                f"SELECT {_COLUMNS} FROM events WHERE user_id=? ORDER BY ts, rowid", (user_id,)
+            )
+            .fetchall()
+        )
+        return _history(rows)
+
+    def append(self, user_id: str, events: Iterable[EventRow]) -> int:
+        rows = [
+            (
+                user_id,
+                e.timestamp_ms,
+                e.item_id,
+                e.item_idx,
+                e.watch_ms,
+                e.duration_ms,
+                int(np.dot(np.asarray(e.flags, np.int64), _BITS)),
+                int(e.positive),
+            )
+            for e in events
+        ]
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            conn.execute(
+                "INSERT INTO versions VALUES (?, ?) "
+                "ON CONFLICT(user_id) DO UPDATE SET n_events = n_events + excluded.n_events",
+                (user_id, len(rows)),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return len(rows)
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+def load_dataset(ds: Dataset, path: str | Path) -> SQLiteFeatureStore:
+    """A new store at ``path`` holding every user and event of ``ds`` (the build step)."""
+    path = Path(path)
+    tmp = path.with_suffix(".building")
+    for stale in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+        stale.unlink(missing_ok=True)
+    store = SQLiteFeatureStore(tmp)
+    conn = store._conn()
+    static = ds.users[ds.static_feature_columns()].to_numpy(np.int64)
+    user_ids = ds.users["user_id"].astype(str).tolist()
+    ev = ds.events
+    flags = ev[list(FLAG_COLUMNS)].to_numpy(np.int64) @ _BITS
+    positive = is_positive(engagement_score(ev))
+    conn.execute("PRAGMA synchronous=OFF")  # a half-built file is never renamed into place
+    conn.execute("BEGIN")
+    conn.executemany(
+        "INSERT INTO users VALUES (?, ?)",
+        ((u, static[i].tobytes()) for i, u in enumerate(user_ids)),
+    )
+    conn.executemany(
+        "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        zip(
+            ev["user_id"].astype(str).tolist(),
+            ev["timestamp"].to_numpy(np.int64).tolist(),
+            ev["item_id"].astype(str).tolist(),
+            ds.item_index().tolist(),
+            ev["watch_ms"].to_numpy(np.int64).tolist(),
+            ev["duration_ms"].to_numpy(np.int64).tolist(),
+            flags.tolist(),
+            positive.astype(int).tolist(),
+            strict=True,
+        ),
+    )
+    counts = ev["user_id"].astype(str).value_counts()
+    conn.executemany("INSERT INTO versions VALUES (?, ?)", ((u, int(c)) for u, c in counts.items()))
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.close()
+    tmp.rename(path)
+    return SQLiteFeatureStore(path)
