@@ -20,14 +20,17 @@ The generative story, kept simple enough that its optimum is known:
 * **Exposures.** Each event picks, given the current interest state, an item from an
   interest subtopic (probability ``p_interest``), from the global popularity
   distribution (``p_popular``) or uniformly (the rest); within a subtopic, items are drawn
-  by popularity. The logged item is that exposure.
+  by popularity. The logged item is that exposure. As in a short-video feed, a user is
+  rarely shown an item twice: each event takes the first of ``novelty_tries`` independent
+  draws that the user has not consumed yet (only users who exhaust the catalog repeat).
 * **Feedback.** Affinity is the cosine of the user's current interest vector with the
   item's latent vector, plus item quality. Watch ratio, like, follow, comment, forward and
   hate are all drawn from logistic functions of affinity.
 
 ``ground_truth`` holds each user's final interest state and the item-level mixture
 weights, so :func:`oracle_scores` gives the true next-item probabilities: an upper bound
-for Recall@K under the leave-last-out protocol.
+for Recall@K under the leave-last-out protocol. Novelty only renormalises them over the
+items a user has not seen, which is what the protocol ranks, so the order is unchanged.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class SyntheticConfig:
     drift: float = 0.15
     p_interest: float = 0.75
     p_popular: float = 0.15
+    novelty_tries: int = 8
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -75,6 +79,8 @@ class SyntheticConfig:
             raise ValueError("need 1 <= min_history <= max_history")
         if self.p_interest + self.p_popular > 1.0:
             raise ValueError("p_interest + p_popular must be <= 1")
+        if self.novelty_tries < 1:
+            raise ValueError("novelty_tries must be >= 1")
 
 
 @dataclass
@@ -237,12 +243,16 @@ def _sample_in_subtopic(world: _World, subs: np.ndarray, u: np.ndarray) -> np.nd
     return items
 
 
-def _user_events(
-    cfg: SyntheticConfig, world: _World, rng: np.random.Generator, n: int, primary_cat: int
-) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    n_sessions = -(-n // cfg.session_length)
-    sub_traj, w_traj = _interest_trajectory(cfg, rng, n_sessions, primary_cat)
-    session = np.arange(n) // cfg.session_length
+def _exposures(
+    cfg: SyntheticConfig,
+    world: _World,
+    rng: np.random.Generator,
+    sub_traj: np.ndarray,
+    w_traj: np.ndarray,
+    session: np.ndarray,
+) -> np.ndarray:
+    """One independent draw from the exposure mixture for each of the events ``session``."""
+    n = len(session)
     # Choose the interest slot of each event from its session's weights.
     cdf = np.cumsum(w_traj[session], axis=1)
     slot = (rng.random((n, 1)) > cdf).sum(axis=1).clip(0, MAX_INTERESTS - 1)
@@ -253,7 +263,37 @@ def _user_events(
     uniform = (mode >= cfg.p_interest + cfg.p_popular) | (item < 0)
     item[popular] = np.searchsorted(world.pop_cdf, rng.random(popular.sum()))
     item[uniform] = rng.integers(0, len(world.item_subtopic), uniform.sum())
-    item = np.minimum(item, len(world.item_subtopic) - 1)
+    return np.minimum(item, len(world.item_subtopic) - 1)
+
+
+def _first_unseen(candidates: np.ndarray) -> np.ndarray:
+    """Per event, the first of its candidates (R, n) the user has not consumed before.
+
+    When all R are already seen (only heavy users who exhaust the catalog) the first
+    candidate is a repeat. An unseen item ``i`` is thus chosen with probability
+    ``p(i) (1 + q + ... + q^(R-1))``, where ``q`` is the mass of the seen items: in
+    proportion to the mixture ``p``, so the oracle's ranking of unseen items is exact.
+    """
+    seen: set[int] = set()
+    out = candidates[0].copy()
+    columns = candidates.T.tolist()
+    for j, options in enumerate(columns):  # sequential by nature: each pick changes "seen"
+        for c in options:
+            if c not in seen:
+                out[j] = c
+                break
+        seen.add(int(out[j]))
+    return out
+
+
+def _user_events(
+    cfg: SyntheticConfig, world: _World, rng: np.random.Generator, n: int, primary_cat: int
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    n_sessions = -(-n // cfg.session_length)
+    sub_traj, w_traj = _interest_trajectory(cfg, rng, n_sessions, primary_cat)
+    session = np.arange(n) // cfg.session_length
+    candidates = _exposures(cfg, world, rng, sub_traj, w_traj, np.tile(session, cfg.novelty_tries))
+    item = _first_unseen(candidates.reshape(cfg.novelty_tries, n))
 
     # Affinity of the current interest vector with the item.
     user_vec = _unit(np.einsum("sk,skd->sd", w_traj, world.subtopic_latent[sub_traj]))
