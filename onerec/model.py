@@ -55,7 +55,7 @@ class OneRecConfig:
     n_experts: int = 4
     top_k: int = 2
     d_expert: int = 128
-    dropout: float = 0.1
+    dropout: float = 0.0  # CPU dropout masks cost half a step; the model is step-starved
 
     @property
     def head_dim(self) -> int:
@@ -93,9 +93,20 @@ class Attention(nn.Module):
         k, v = kv
         # Queries of W beams share one user's keys: fold beams into the query length.
         q = self.q(x).view(k.shape[0], -1, self.h, self.dh).transpose(1, 2)  # (Bk, h, W*t, dh)
-        # Plain matmuls rather than SDPA: they export to ONNX as-is and the FLOP counter
-        # sees them (CPU SDPA kernels are invisible to it).
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.dh)  # (Bk, h, Nq, T)
+        if self.training and torch.is_grad_enabled():
+            # Training only: the fused kernel skips the (Nq, T) score round trips through
+            # memory that dominate a CPU step. Same maths as the path below.
+            if causal:
+                n = k.shape[-2]
+                causal_keep = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+                mask = causal_keep if mask is None else mask & causal_keep
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.drop.p if self.drop.p else 0.0
+            )
+            return self.out(y.transpose(1, 2).reshape(b, t, -1))
+        # Inference: plain matmuls rather than SDPA. They export to ONNX as-is and the FLOP
+        # counter sees them (CPU SDPA kernels are invisible to it).
+        scores = (q * (1.0 / math.sqrt(self.dh))) @ k.transpose(-2, -1)  # (Bk, h, Nq, T)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         if causal:
@@ -419,12 +430,23 @@ class OneRec(nn.Module):
             head.weight = codes.weight  # tied: the logit of a code is its embedding's match
 
     def loss(self, inputs: dict[str, torch.Tensor], target_sids: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy over the SID levels of the targets (B, L)."""
+        """Mean next-token cross-entropy over the SID levels of the targets.
+
+        ``target_sids`` is (B, L) for one target per user or (B, M, L) for M targets that
+        share one encoder pass (the next items after the cut, decoded independently, like
+        beams); rows of -1 are padding and are ignored.
+        """
+        if target_sids.dim() == 2:
+            target_sids = target_sids[:, None]
         memory, keep = self.encoder(**inputs)
         kv = self.decoder.cross_kv(memory)
-        h = self.decoder.hidden(target_sids[:, None, :-1], kv, keep)[:, 0]  # (B, L, d)
+        h = self.decoder.hidden(target_sids[..., :-1].clamp(min=0), kv, keep)  # (B, M, L, d)
         losses = [
-            F.cross_entropy(self.decoder.heads[i](h[:, i]), target_sids[:, i])
+            F.cross_entropy(
+                self.decoder.heads[i](h[:, :, i]).flatten(0, 1),
+                target_sids[:, :, i].flatten(),
+                ignore_index=-1,
+            )
             for i in range(self.cfg.sid_levels)
         ]
         return torch.stack(losses).mean()

@@ -149,3 +149,28 @@ def test_loss_free_balancing_moves_the_bias_against_the_load() -> None:
     moe.update_bias(rate=0.1)
     assert moe.bias[0] < 0 < moe.bias[1]
     assert moe.load.sum() == 0
+
+
+def test_training_attention_matches_the_inference_path() -> None:
+    """The fused kernel used under grad in training computes what the exported path does."""
+    model = _model(SMALL)
+    inputs = _inputs(SMALL, 3, 30)
+    targets = torch.randint(0, SMALL.codebook_size, (3, SMALL.sid_levels))
+    with torch.no_grad():
+        reference = model.loss(inputs, targets)
+    model.train()  # dropout is 0 by default, so only the attention kernel differs
+    torch.testing.assert_close(model.loss(inputs, targets), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_multi_target_loss_averages_the_targets_and_ignores_padding() -> None:
+    model = _model(SMALL)
+    inputs = _inputs(SMALL, 2, 30)
+    a = torch.randint(0, SMALL.codebook_size, (2, SMALL.sid_levels))
+    b = torch.randint(0, SMALL.codebook_size, (2, SMALL.sid_levels))
+    pad = torch.full_like(a, -1)
+    with torch.no_grad():
+        both = model.loss(inputs, torch.stack([a, b], 1))
+        padded = model.loss(inputs, torch.stack([a, pad], 1))
+        expected = (model.loss(inputs, a) + model.loss(inputs, b)) / 2
+        torch.testing.assert_close(both, expected)
+        torch.testing.assert_close(padded, model.loss(inputs, a))
