@@ -1,8 +1,10 @@
 """Training: next-token prediction over the SIDs of the item that follows a time cut.
 
 A sample is (user, cut ``c``): the encoder sees the user's events before ``c``, and the
-decoder learns the SID of event ``c``. Each user's last event is never a target: it is the
-held-out item of the evaluation protocol. Cuts are drawn at random per user (up to
+decoder learns the SIDs of events ``c .. c + targets_per_sample - 1``, each decoded from BOS
+on its own (as beams are), so one encoder pass yields several targets, like OneRec's
+session-wise generation. Each user's last event is never a target: it is the held-out item
+of the evaluation protocol. Cuts are drawn at random per user (up to
 ``samples_per_user``), so light and heavy users both contribute.
 
 The lifelong pathway of a heavy user is compressed once, over the whole training history,
@@ -43,6 +45,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 50
     samples_per_user: int = 8
+    targets_per_sample: int = 8
     max_minutes: float = 4.5
     threads: int = 2
     seed: int = 0
@@ -100,10 +103,17 @@ class SampleSource:
     """Training samples (user, cut) and their pathways."""
 
     def __init__(
-        self, ds: Dataset, catalog: Catalog, cfg: OneRecConfig, samples_per_user: int, seed: int
+        self,
+        ds: Dataset,
+        catalog: Catalog,
+        cfg: OneRecConfig,
+        samples_per_user: int,
+        seed: int,
+        targets_per_sample: int = 1,
     ) -> None:
         self.events = EventArrays.from_dataset(ds)
         self.catalog, self.cfg = catalog, cfg
+        self.targets_per_sample = targets_per_sample
         self.static = ds.users[ds.static_feature_columns()].to_numpy(np.int64)
         rng = np.random.default_rng(seed)
         users, cuts = [], []
@@ -150,9 +160,13 @@ class SampleSource:
                     self._lifelong(u, cut),
                 )
             )
-            targets.append(self.catalog.sids[h.items[cut]])
+            # The next items after the cut, never the held-out last event; -1 pads.
+            nxt = h.items[cut : min(cut + self.targets_per_sample, len(h) - 1)]
+            sids = np.full((self.targets_per_sample, self.catalog.sids.shape[1]), -1, np.int64)
+            sids[: len(nxt)] = self.catalog.sids[nxt]
+            targets.append(sids)
         batch = {k: torch.from_numpy(v) for k, v in collate(samples).items()}
-        return batch, torch.from_numpy(np.stack(targets))
+        return batch, torch.from_numpy(np.stack(targets))  # targets (B, M, L)
 
     def batches(self, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
         """Batches of similar lifelong length (less padding), in random order."""

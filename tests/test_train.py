@@ -49,10 +49,25 @@ def test_samples_never_target_the_held_out_last_event(setup) -> None:
     assert (source.cuts >= 1).all()
 
 
+def test_multi_targets_are_the_next_items_and_stop_before_the_held_out_event(setup) -> None:
+    ds, catalog, cfg = setup
+    source = SampleSource(ds, catalog, cfg, samples_per_user=50, seed=0, targets_per_sample=4)
+    idx = np.arange(len(source))
+    _, targets = source.batch(idx)
+    assert targets.shape == (len(source), 4, catalog.sids.shape[1])
+    for i in idx:
+        u, cut = int(source.users[i]), int(source.cuts[i])
+        h = source.events.user(u)
+        n = min(4, len(h) - 1 - cut)  # targets end before the held-out last event
+        np.testing.assert_array_equal(targets[i, :n], catalog.sids[h.items[cut : cut + n]])
+        assert (targets[i, n:] == -1).all()
+
+
 def test_loss_falls_below_what_the_target_marginals_allow(setup) -> None:
     """Beating the per-level marginal entropy needs the user's pathways, not just priors."""
     model, source, _ = _run(setup, epochs=8)
     inputs, targets = source.batch(np.arange(len(source)))
+    targets = targets[:, 0]  # (B, L): the item right after each cut
     marginal = []
     for level in range(targets.shape[1]):
         p = np.bincount(targets[:, level].numpy()) / len(targets)
