@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,6 +129,7 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
         self.last_norm = nn.LayerNorm(cfg.hidden, eps=1e-8)
         self.train_losses: list[float] = []  # mean loss per epoch, filled by train_sasrec
+        self.train_seconds = 0.0
         for p in self.parameters():  # the reference's init: Xavier normal for every matrix
             if p.dim() > 1:
                 nn.init.xavier_normal_(p)
@@ -171,12 +173,18 @@ def train_sasrec(
     seed: int = 0,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    min_seconds: float = 0.0,
+    max_epochs: int = 200,
 ) -> SASRec:
     """Train on each split user's history before the held-out event.
 
     One sample per user and epoch: the last ``maxlen + 1`` history items, giving next-item
     targets at ``maxlen`` positions, so heavy users weigh no more than a full window. On the
     CPU, the same seed and thread count give the same weights (GPU kernels may not).
+
+    ``epochs`` are always run; with ``min_seconds`` training goes on, epoch by epoch (up to
+    ``max_epochs``, the paper's 200), until that much wall time has passed, so a comparison
+    can give SASRec at least the time the model it is compared with had.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -186,7 +194,17 @@ def train_sasrec(
     seqs = windows(items, split.history_start, split.history_end, config.maxlen + 1)
     seqs = seqs[(seqs[:, -2:] != 0).all(axis=1)]  # at least one (input, target) pair
     model.train()
-    bar = tqdm(range(epochs), desc="sasrec", disable=not progress)
+    started = time.perf_counter()
+
+    def more() -> Iterator[int]:
+        epoch = 0
+        while epoch < epochs or (
+            epoch < max_epochs and time.perf_counter() - started < min_seconds
+        ):
+            yield epoch
+            epoch += 1
+
+    bar = tqdm(more(), desc="sasrec", disable=not progress)
     for _ in bar:
         total, count, tic = 0.0, 0, time.perf_counter()
         order = rng.permutation(len(seqs))
@@ -202,6 +220,7 @@ def train_sasrec(
             total, count = total + loss.item() * len(hidden), count + len(hidden)
         model.train_losses.append(total / max(count, 1))
         bar.set_postfix(loss=f"{model.train_losses[-1]:.3f}", s=f"{time.perf_counter() - tic:.1f}")
+    model.train_seconds = time.perf_counter() - started
     model.eval()
     return model
 

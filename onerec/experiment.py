@@ -49,7 +49,14 @@ def train_artifacts(
     cfg = model_config(ds, catalog, index.trie.codebook_size, **sizes)
     torch.manual_seed(train_cfg.seed)
     model = build_model(cfg, catalog)
-    source = SampleSource(ds, catalog, cfg, train_cfg.samples_per_user, train_cfg.seed)
+    source = SampleSource(
+        ds,
+        catalog,
+        cfg,
+        train_cfg.samples_per_user,
+        train_cfg.seed,
+        train_cfg.targets_per_sample,
+    )
     result = train(model, source, train_cfg, artifacts / "model" / "checkpoint.pt", resume)
     result["parameters"] = sum(p.numel() for p in model.parameters())
     result["samples"] = len(source)
@@ -88,8 +95,18 @@ def evaluate_artifacts(
     popularity = PopularityModel.fit(ds, split)
     results["popularity"] = _score_rows(lambda r: popularity.scores(r), split, ds, rows)
 
-    sasrec = train_sasrec(ds, split, SASRecConfig(n_items=ds.n_items), sasrec_epochs, seed)
+    # Fair to SASRec: at least its epochs, and at least the wall time OneRec trained for.
+    onerec_seconds = _train_seconds(artifacts)
+    sasrec = train_sasrec(
+        ds, split, SASRecConfig(n_items=ds.n_items), sasrec_epochs, seed, min_seconds=onerec_seconds
+    )
     results["sasrec"] = _score_rows(lambda r: sasrec_scores(sasrec, ds, split, r), split, ds, rows)
+    log.info(
+        "sasrec: %d epochs in %.0fs (onerec trained %.0fs)",
+        len(sasrec.train_losses),
+        sasrec.train_seconds,
+        onerec_seconds,
+    )
 
     if ds.ground_truth is not None:
         gt = ds.ground_truth
@@ -97,6 +114,11 @@ def evaluate_artifacts(
             lambda r: oracle_scores(gt, split.users[r]), split, ds, rows
         )
     return results
+
+
+def _train_seconds(artifacts: Path) -> float:
+    path = artifacts / "model" / "train.json"
+    return float(json.loads(path.read_text())["seconds"]) if path.is_file() else 0.0
 
 
 def _score_rows(
