@@ -176,10 +176,12 @@ class SampleSource:
         return [chunks[i] for i in rng.permutation(len(chunks))]
 
 
-def _schedule(step: int, total: int, warmup: int) -> float:
+def _schedule(step: int, total: int, warmup: int, time_progress: float = 0.0) -> float:
+    """Warm-up, then cosine decay over the steps or over the time budget, whichever runs out
+    first, so a run stopped by ``max_minutes`` still ends at a small learning rate."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+    progress = max((step - warmup) / max(1, total - warmup), time_progress)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -197,7 +199,15 @@ def train(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(source) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, total, cfg.warmup_steps))
+    clock = {"started": time.perf_counter(), "before": 0.0}  # seconds of earlier runs
+
+    def time_progress() -> float:
+        elapsed = clock["before"] + time.perf_counter() - clock["started"]
+        return elapsed / (60 * cfg.max_minutes)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: _schedule(s, total, cfg.warmup_steps, time_progress())
+    )
     rng = np.random.default_rng(cfg.seed)
     start_epoch = 0
     ckpt = Path(checkpoint) if checkpoint else None
@@ -209,9 +219,10 @@ def train(
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         start_epoch = state["epoch"]
+        clock["before"] = state.get("seconds", 0.0)
         log.info("resumed from %s at epoch %d", ckpt, start_epoch)
 
-    started = time.perf_counter()
+    started = clock["started"] = time.perf_counter()
     loss_avg = float("nan")
     epoch = start_epoch
     model.train()
@@ -245,6 +256,7 @@ def train(
                     "rng": rng.bit_generator.state,
                     "torch_rng": torch.get_rng_state(),
                     "epoch": epoch + 1,
+                    "seconds": clock["before"] + time.perf_counter() - started,
                     "model_config": asdict(model.cfg),
                     "train_config": asdict(cfg),
                 },
