@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -159,6 +160,16 @@ def _build_model(out: Path, args: argparse.Namespace) -> None:
         args.decoder_instances,
     )
     console.print(f"model repository {args.repository}: ONNX written, catalog v{version} live")
+    store = out / "features.sqlite"
+    if store.is_file() and not args.force:
+        console.print(f"reusing feature store {store}")
+    else:
+        from server.feature_store import load_dataset
+
+        store.unlink(missing_ok=True)
+        started = time.perf_counter()
+        load_dataset(Dataset.load(out / "data"), store).close()
+        console.print(f"feature store {store} in {time.perf_counter() - started:.1f}s")
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
@@ -281,6 +292,45 @@ def cmd_triton(args: argparse.Namespace) -> int:
             setattr(ports, name, getattr(args, f"{name}_port"))
     process = TritonProcess(args.repository, ports, probe=lambda url: probe(url, cfg))
     return serve_forever(process)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The front end, with a local Triton unless --triton-url names a running one."""
+    import asyncio
+
+    from server.app import Settings, serve
+    from server.triton_client import probe, repository_config
+    from server.triton_launcher import TritonProcess
+
+    logging.getLogger("server").setLevel(logging.INFO)
+    s = Settings()
+    for name in ("artifacts", "repository"):
+        if getattr(args, name) is not None:
+            setattr(s, name, Path(getattr(args, name)))
+    for name in (
+        "triton_url",
+        "feature_store",
+        "port",
+        "metrics_port",
+        "max_inflight",
+        "auth_token_file",
+        "tls_cert",
+        "tls_key",
+        "peak_flops",
+    ):
+        if getattr(args, name) is not None:
+            setattr(s, name, getattr(args, name))
+    triton = None
+    if args.triton_url is None and not os.environ.get("ONEREC_TRITON_URL"):
+        cfg = repository_config(s.repository)
+        triton = TritonProcess(s.repository, probe=lambda url: probe(url, cfg)).start()
+        s.triton_url = triton.grpc_url
+    try:
+        asyncio.run(serve(s))
+    finally:
+        if triton is not None:
+            triton.stop()
+    return 0
 
 
 def cmd_catalog(args: argparse.Namespace) -> int:
@@ -428,6 +478,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", default="artifacts/synthetic")
     p.add_argument("--out", help="directory (default <artifacts>/onnx)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="the gRPC front end (and a local Triton)")
+    p.add_argument("--artifacts", help="build artefacts (default artifacts/synthetic)")
+    p.add_argument("--repository", help="Triton model repository (default model_repository)")
+    p.add_argument("--triton-url", help="a running Triton's gRPC host:port; else start one")
+    p.add_argument("--feature-store", help="SQLite file (default <artifacts>/features.sqlite)")
+    p.add_argument("--port", type=int, help="gRPC port (default 50051)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464)")
+    p.add_argument("--max-inflight", type=int, help="admission bound (default 64)")
+    p.add_argument("--auth-token-file", help="require 'authorization: Bearer <token>'")
+    p.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key enables TLS")
+    p.add_argument("--tls-key", help="PEM private key")
+    p.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (default: measured)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("triton", help="serve a model repository with the local tritonserver")
     p.add_argument("--repository", default=str(TEMPLATE))

@@ -86,6 +86,10 @@ class FeatureStore(Protocol):
         """Every event, in time order."""
         ...
 
+    def items_outside(self, user_id: str, n_items: int) -> list[str]:
+        """Distinct ids of the user's items whose model index is ``n_items`` or more."""
+        ...
+
     def append(self, user_id: str, events: Iterable[EventRow]) -> int:
         """Durably append; returns the number of events committed."""
         ...
@@ -148,6 +152,17 @@ class SQLiteFeatureStore:
             .fetchall()
         )
         return _history(rows)
+
+    def items_outside(self, user_id: str, n_items: int) -> list[str]:
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT DISTINCT item_id FROM events WHERE user_id=? AND item_idx>=?",
+                (user_id, n_items),
+            )
+            .fetchall()
+        )
+        return [r[0] for r in rows]
 
     def append(self, user_id: str, events: Iterable[EventRow]) -> int:
         rows = [

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -57,17 +57,20 @@ class Lifelong:
     timestamp: np.ndarray  # (R,)
     weight: np.ndarray  # (R,) cluster-size bucket
     history_len: int
+    seen: np.ndarray  # unique model indices of every item in the history
+    seen_new: np.ndarray  # ids of history items the model never saw
 
 
 @dataclass
-class StageTimes:
-    """Seconds spent per stage of one build, for the stage-latency histograms."""
+class Built:
+    """One request's pathways, what the user has seen, and where the time went."""
 
-    features: float = 0.0
-    lifelong: float = 0.0
-    lifelong_cached: bool = True
-    history_len: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
+    pathways: dict[str, np.ndarray]
+    seen: np.ndarray  # model indices of the history and the inline events
+    seen_new: np.ndarray  # ids of seen items the model never saw
+    features_s: float
+    lifelong_s: float  # 0 when the compression came from the cache
+    history_len: int
 
 
 class PathwayBuilder:
@@ -85,33 +88,44 @@ class PathwayBuilder:
         self._cache: OrderedDict[str, Lifelong] = OrderedDict()
         self._lock = threading.Lock()
 
-    def lifelong(self, user_id: str, times: StageTimes) -> Lifelong:
+    def lifelong(self, user_id: str) -> tuple[Lifelong, float]:
         """The cached compression, or a new one if the user has new events."""
         version = self.store.version(user_id)
         with self._lock:
             hit = self._cache.get(user_id)
             if hit is not None and hit.version == version:
                 self._cache.move_to_end(user_id)
-                return hit
+                return hit, 0.0
         started = time.perf_counter()
         h = self.store.history(user_id)
-        known = np.flatnonzero(h.items < len(self.vectors))  # the model's items only
+        n_items = len(self.vectors)
+        known = np.flatnonzero(h.items < n_items)  # the model's items only
+        seen = np.unique(h.items[known])
+        seen_new = np.array(
+            self.store.items_outside(user_id, n_items) if len(known) < len(h) else [], str
+        )
         if len(known):
             c = compress_history(self.vectors[h.items[known]], budget=self.cfg.lifelong_len)
             keep = known[c.positions]
             life = Lifelong(
-                version, h.items[keep], h.timestamp[keep], weight_bucket(c.weights), len(h)
+                version,
+                h.items[keep],
+                h.timestamp[keep],
+                weight_bucket(c.weights),
+                len(h),
+                seen,
+                seen_new,
             )
         else:
             empty = np.zeros(0, np.int64)
-            life = Lifelong(version, empty, empty, empty, len(h))
-        times.lifelong, times.lifelong_cached = time.perf_counter() - started, False
+            life = Lifelong(version, empty, empty, empty, len(h), seen, seen_new)
+        elapsed = time.perf_counter() - started
         with self._lock:
             self._cache[user_id] = life
             self._cache.move_to_end(user_id)
             while len(self._cache) > self.cache_users:
                 self._cache.popitem(last=False)
-        return life
+        return life, elapsed
 
     def build(
         self,
@@ -119,26 +133,27 @@ class PathwayBuilder:
         now_ms: int,
         static: np.ndarray,
         inline: History | None = None,
-    ) -> tuple[dict[str, np.ndarray], StageTimes]:
-        """Unbatched pathway arrays, the same as ``build_pathways`` on the full history."""
-        times = StageTimes()
+    ) -> Built:
+        """The same arrays as ``build_pathways`` on the stored history plus ``inline``."""
         started = time.perf_counter()
         cfg = self.cfg
         short = self.store.recent(user_id, cfg.short_len)
         positive = self.store.recent(user_id, cfg.positive_len, positive_only=True)
+        inline_seen = np.zeros(0, np.int64)
         if inline is not None and len(inline):
             short = _take(concat(short, inline), slice(-cfg.short_len, None))
             inline_pos = _take(inline, is_positive(inline.scores()))
             positive = _take(concat(positive, inline_pos), slice(-cfg.positive_len, None))
-        features = time.perf_counter() - started
-        life = self.lifelong(user_id, times)
-        times.features = features
-        times.history_len = life.history_len
-        return {
+            inline_seen = inline.items
+        features_s = time.perf_counter() - started
+        life, lifelong_s = self.lifelong(user_id)
+        pathways = {
             "static": np.asarray(static, np.int64),
             **_tokens(short, now_ms, "short"),
             **_tokens(positive, now_ms, "pos"),
             "life_items": life.items.astype(np.int64) + 1,
             "life_gap": gap_bucket(now_ms, life.timestamp),
             "life_weight": life.weight.astype(np.int64),
-        }, times
+        }
+        seen = np.concatenate([life.seen, inline_seen])
+        return Built(pathways, seen, life.seen_new, features_s, lifelong_s, life.history_len)

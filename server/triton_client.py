@@ -1,16 +1,22 @@
-"""Tensors for Triton's ``onerec`` ensemble, and the tiny inference that proves it serves.
+"""Triton's ``onerec`` ensemble from the client side: tensors, the probe, the aio client.
 
 One user's pathway arrays (:func:`onerec.pathways.build_pathways`) become the ensemble's
 inputs with a batch axis of one; Triton's dynamic batcher, not the client, forms batches.
+The front end talks to Triton through one :class:`TritonModel` (one shared aio channel),
+which passes the caller's remaining deadline on and turns Triton's failures into the two
+cases the front end handles differently: unavailable (fall back) and rejected (a bug).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.utils import InferenceServerException
 
 from onerec.export import PATHWAY_INPUTS
 from onerec.model import N_FLAGS, OneRecConfig
@@ -83,3 +89,67 @@ def probe(url: str, cfg: OneRecConfig, timeout_s: float = 30.0) -> np.ndarray:
     if sids is None or sids.shape != (1, 1, cfg.sid_levels) or (sids < 0).any():
         raise RuntimeError(f"probe inference returned no SID: {sids!r}")
     return sids
+
+
+class TritonUnavailable(Exception):
+    """Triton did not answer in time or is down: the caller falls back."""
+
+
+class TritonRejected(Exception):
+    """Triton refused the tensors (INVALID_ARGUMENT): a bug on our side, not an outage."""
+
+
+@dataclass(frozen=True)
+class Decoded:
+    sids: np.ndarray  # (C, L), -1 rows past the last legal SID
+    scores: np.ndarray  # (C,)
+    catalog_version: int
+
+
+class TritonModel:
+    """The ensemble over one shared ``tritonclient.grpc.aio`` channel."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.client = grpcaio.InferenceServerClient(url)
+
+    async def recommend(
+        self,
+        pathways: dict[str, np.ndarray],
+        beam_width: int,
+        count: int,
+        exclude_sids: np.ndarray | None,
+        timeout_s: float,
+    ) -> Decoded:
+        """Ranked SIDs for one user; the caller's remaining deadline bounds the call."""
+        if timeout_s <= 0:
+            raise TritonUnavailable("no time left before the caller's deadline")
+        try:
+            result = await self.client.infer(
+                ENSEMBLE,
+                ensemble_inputs(pathways, beam_width, count, exclude_sids),
+                outputs=requested_outputs(),
+                client_timeout=timeout_s,
+            )
+        except InferenceServerException as e:
+            if "INVALID_ARG" in str(e.status()):
+                raise TritonRejected(e.message()) from e
+            raise TritonUnavailable(f"{e.status()}: {e.message()}") from e
+        except Exception as e:  # channel errors surface as grpc/OS errors
+            raise TritonUnavailable(str(e)) from e
+        return Decoded(
+            result.as_numpy("sids")[0],
+            result.as_numpy("scores")[0],
+            int(result.as_numpy("catalog_version")[0, 0]),
+        )
+
+    async def probe(self, cfg: OneRecConfig, timeout_s: float = 5.0) -> bool:
+        """One real beam-1 inference: True only if it returned a SID."""
+        try:
+            d = await self.recommend(empty_pathways(cfg), 1, 1, None, timeout_s)
+        except (TritonUnavailable, TritonRejected):
+            return False
+        return d.sids.shape[0] == 1 and bool((d.sids >= 0).all())
+
+    async def close(self) -> None:
+        await self.client.close()

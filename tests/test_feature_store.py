@@ -53,12 +53,13 @@ def test_served_pathways_equal_the_trainers(data) -> None:
         h = events.user(u)
         now = int(h.timestamp[-1]) + 5_000
         want = build_pathways(h, now, static[u], vectors, CFG)
-        got, times = builder.build(user_id, now, static[u])
-        assert set(got) == set(want)
+        built = builder.build(user_id, now, static[u])
+        assert set(built.pathways) == set(want)
         for name in want:
-            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-        assert times.history_len == len(h) and not times.lifelong_cached
-        assert builder.build(user_id, now, static[u])[1].lifelong_cached
+            np.testing.assert_array_equal(built.pathways[name], want[name], err_msg=name)
+        assert built.history_len == len(h) and built.lifelong_s > 0
+        np.testing.assert_array_equal(built.seen, np.unique(h.items))
+        assert builder.build(user_id, now, static[u]).lifelong_s == 0  # cached
 
 
 def _row(item: int, ts: int, like: bool = False) -> EventRow:
@@ -77,8 +78,9 @@ def test_appends_invalidate_the_lifelong_cache_and_join_short_term(data, tmp_pat
     static = store.static(user)
     builder.build(user, last + 10, static)
     assert store.append(user, [_row(7, last + 1, like=True), _row(9, last + 2)]) == 2
-    got, times = builder.build(user, last + 10, static)
-    assert not times.lifelong_cached
+    built = builder.build(user, last + 10, static)
+    assert built.lifelong_s > 0
+    got = built.pathways
     assert got["short_items"][:2].tolist() == [10, 8]  # most recent first, index + 1
     assert got["pos_items"][0] == 8
     inline = History(
@@ -88,7 +90,7 @@ def test_appends_invalidate_the_lifelong_cache_and_join_short_term(data, tmp_pat
         np.array([60_000]),
         np.zeros((1, 6), np.int8),
     )
-    with_inline, _ = builder.build(user, last + 10, static, inline)
+    with_inline = builder.build(user, last + 10, static, inline).pathways
     assert with_inline["short_items"][:3].tolist() == [12, 10, 8]
     assert len(with_inline["short_items"]) == CFG.short_len
 

@@ -1,14 +1,14 @@
 """The model repository served by the real ``tritonserver`` (nvidia-pytriton's, on CPU).
 
-One Triton per module, started by the project's launcher on free ports against a tiny
-randomly initialised model: random weights are the adversarial case for the trie, and
-equality with the offline reference does not need a trained model.
+One Triton per session (the ``served`` fixture in conftest.py), started by the project's
+launcher on free ports against a tiny randomly initialised model: random weights are the
+adversarial case for the trie, and equality with the offline reference does not need a
+trained model.
 """
 
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,19 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import tritonclient.grpc as grpcclient
+from conftest import free_ports
 from tritonclient.utils import InferenceServerException
 
 from onerec import catalog
 from onerec.beam_search import constrained_beam_search, exclude_leaves
-from onerec.cli import main
-from onerec.experiment import load_catalog
 from onerec.onnx_model import OnnxDecoder, OnnxEncoder
 from onerec.pathways import EventArrays, build_pathways, collate
-from onerec.repository import catalog_dir, write_model_repository
-from onerec.semantic_ids import load_item_sids
-from onerec.train import build_model, model_config
+from onerec.repository import catalog_dir
 from server.triton_client import (
     ENSEMBLE,
     empty_pathways,
@@ -37,35 +33,6 @@ from server.triton_client import (
     repository_config,
     requested_outputs,
 )
-from server.triton_launcher import TritonPorts, TritonProcess
-
-TINY_DATA = ["--users", "40", "--items", "150", "--max-history", "300", "--codebook-size", "8"]
-SIZES = {"d_model": 32, "d_ff": 64, "d_expert": 64, "lifelong_len": 50, "positive_len": 32}
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("triton")
-    art = root / "art"
-    assert main(["build", "--out", str(art), "--until", "tokenizer", *TINY_DATA]) == 0
-    ds, cat, _ = load_catalog(art)
-    cfg = model_config(ds, cat, 8, n_queries=8, **SIZES)
-    torch.manual_seed(0)
-    repo = root / "repo"
-    write_model_repository(build_model(cfg, cat).eval(), load_item_sids(art / "tokenizer"), repo)
-    triton = TritonProcess(repo, TritonPorts(*_free_ports(3)), probe=lambda url: probe(url, cfg))
-    with triton:
-        yield triton, ds, cfg, repo, art
 
 
 def _pathways(served, users: range) -> list[dict[str, np.ndarray]]:
@@ -236,7 +203,7 @@ def test_bad_tensors_get_a_clear_error_and_the_server_keeps_serving(served, chan
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_onerec_triton_waits_for_ready_and_stops_cleanly_on_signal(served, sig) -> None:
     _, _, _, repo, _ = served
-    http, grpc_port, metrics = _free_ports(3)
+    http, grpc_port, metrics = free_ports(3)
     argv = [sys.executable, "-m", "onerec", "triton", "--repository", str(repo)]
     ports = ["--http-port", str(http), "--grpc-port", str(grpc_port)]
     proc = subprocess.Popen(

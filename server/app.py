@@ -1,0 +1,234 @@
+"""The front end's process: settings, start-up, health, and graceful shutdown.
+
+Start-up loads the model's config and catalog from the Triton model repository, the item
+table and item vectors from the build's artefacts, and opens the feature store. The gRPC
+server carries the Recommender service, ``grpc.health.v1`` and reflection, with optional
+TLS, an optional bearer token and message-size limits.
+
+Health is SERVING only while a real tiny inference through Triton succeeds: a loop probes
+every ``probe_interval_s`` and flips both the health status and the service's
+``model_ready`` (which routes requests to the popularity fallback while Triton is away,
+and back when it returns). SIGTERM sets NOT_SERVING, lets in-flight calls finish within
+``grace_s``, then exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pandas as pd
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from onerec.model import OneRecConfig
+from onerec.repository import ENCODER, catalog_dir
+from onerec.v1 import recommender_pb2, recommender_pb2_grpc
+from server.catalog import CatalogReader
+from server.feature_store import SQLiteFeatureStore
+from server.metrics import Metrics, measure_peak_flops
+from server.pathway_builder import PathwayBuilder
+from server.service import Context, RecommenderService
+from server.triton_client import TritonModel
+from server.validation import Limits
+
+log = logging.getLogger(__name__)
+SERVICE = "onerec.v1.Recommender"
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
+@dataclass
+class Settings:
+    """Every setting has a flag (onerec serve) and an environment variable."""
+
+    artifacts: Path = field(
+        default_factory=lambda: Path(_env("ONEREC_ARTIFACTS", "artifacts/synthetic"))
+    )
+    repository: Path = field(
+        default_factory=lambda: Path(_env("ONEREC_REPOSITORY", "model_repository"))
+    )
+    triton_url: str = field(default_factory=lambda: _env("ONEREC_TRITON_URL", "127.0.0.1:8001"))
+    feature_store: str | None = field(default_factory=lambda: _env("ONEREC_FEATURE_STORE"))
+    port: int = field(default_factory=lambda: int(_env("ONEREC_PORT", "50051")))
+    metrics_port: int = field(default_factory=lambda: int(_env("ONEREC_METRICS_PORT", "9464")))
+    max_inflight: int = field(default_factory=lambda: int(_env("ONEREC_MAX_INFLIGHT", "64")))
+    auth_token_file: str | None = field(default_factory=lambda: _env("ONEREC_AUTH_TOKEN_FILE"))
+    tls_cert: str | None = field(default_factory=lambda: _env("ONEREC_TLS_CERT"))
+    tls_key: str | None = field(default_factory=lambda: _env("ONEREC_TLS_KEY"))
+    peak_flops: float | None = field(
+        default_factory=lambda: float(v) if (v := _env("ONEREC_PEAK_FLOPS")) else None
+    )
+    probe_interval_s: float = field(
+        default_factory=lambda: float(_env("ONEREC_PROBE_INTERVAL_S", "2.0"))
+    )
+    grace_s: float = 10.0
+    limits: Limits = field(default_factory=Limits)
+
+    def store_path(self) -> Path:
+        return Path(self.feature_store or self.artifacts / "features.sqlite")
+
+
+class BearerToken(grpc.aio.ServerInterceptor):
+    """Rejects Recommender calls without ``authorization: Bearer <token>``; health and
+    reflection stay open for probes."""
+
+    def __init__(self, token: str) -> None:
+        self.expected = f"Bearer {token}"
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(f"/{SERVICE}/"):
+            metadata = dict(details.invocation_metadata or ())
+            if metadata.get("authorization") != self.expected:
+                return self._deny
+        return await continuation(details)
+
+
+def model_name(repository: Path) -> str:
+    """A short content hash of the served encoder: changes with every new model."""
+    digest = hashlib.sha256((repository / ENCODER / "1" / "encoder.onnx").read_bytes())
+    return f"onerec-{digest.hexdigest()[:10]}"
+
+
+def build_context(s: Settings, model: TritonModel, metrics: Metrics) -> Context:
+    cfg = OneRecConfig(**json.loads((s.repository / ENCODER / "1" / "model.json").read_text()))
+    items = pd.read_parquet(s.artifacts / "data" / "items.parquet")
+    item_ids = items["item_id"].astype(str).tolist()
+    item_index = {item: i for i, item in enumerate(item_ids)}
+    vectors = np.load(s.artifacts / "tokenizer" / "item_embeddings.npy")
+    if len(item_ids) != cfg.n_items or len(vectors) != cfg.n_items:
+        raise ValueError(
+            f"{s.artifacts} has {len(item_ids)} items but the model in {s.repository} has "
+            f"{cfg.n_items}: they come from different builds"
+        )
+    store_path = s.store_path()
+    if not store_path.is_file():
+        raise FileNotFoundError(f"{store_path}: no feature store (onerec build makes it)")
+    store = SQLiteFeatureStore(store_path)
+    return Context(
+        cfg=cfg,
+        store=store,
+        builder=PathwayBuilder(store, cfg, vectors),
+        catalog=CatalogReader(catalog_dir(s.repository), item_index),
+        model=model,
+        metrics=metrics,
+        limits=s.limits,
+        item_index=item_index,
+        durations=items["duration_ms"].to_numpy(np.int64),
+        model_name=model_name(s.repository),
+        max_inflight=s.max_inflight,
+    )
+
+
+class FrontEnd:
+    """The running gRPC server with its health loop; ``await start()`` then ``wait()``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.metrics = Metrics(settings.peak_flops or measure_peak_flops())
+        self.model = TritonModel(settings.triton_url)
+        self.ctx = build_context(settings, self.model, self.metrics)
+        self.service = RecommenderService(self.ctx)
+        self.health = health.aio.HealthServicer()
+        self._probe_task: asyncio.Task | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        s = self.s
+        interceptors = []
+        if s.auth_token_file:
+            interceptors.append(BearerToken(Path(s.auth_token_file).read_text().strip()))
+        self.server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        recommender_pb2_grpc.add_RecommenderServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (
+            recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, self.server)
+        address = f"0.0.0.0:{s.port}"
+        if s.tls_cert and s.tls_key:
+            creds = grpc.ssl_server_credentials(
+                [(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())]
+            )
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        await self._set_health(await self.model.probe(self.ctx.cfg))
+        self.ctx.catalog.get()  # load the live catalog before the first call
+        await self.server.start()
+        self.metrics.serve(s.metrics_port)
+        self._probe_task = asyncio.create_task(self._probe_loop())
+        log.info(
+            "serving %s on :%d (metrics :%d), triton %s, model ready: %s",
+            SERVICE,
+            self.port,
+            s.metrics_port,
+            s.triton_url,
+            self.service.model_ready,
+        )
+
+    async def _set_health(self, ready: bool) -> None:
+        if ready != self.service.model_ready:
+            log.warning("model %s", "ready" if ready else "unavailable: serving fallbacks")
+        self.service.model_ready = ready
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE):
+            await self.health.set(name, status)
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.s.probe_interval_s)
+            await self._set_health(await self.model.probe(self.ctx.cfg))
+
+    async def stop(self) -> None:
+        """NOT_SERVING first, so load balancers drain us; then finish in-flight calls."""
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.s.grace_s)
+        await self.model.close()
+        self.metrics.close()
+        log.info("front end stopped")
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGINT/SIGTERM (or ``stop``), then shut down gracefully."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    front = FrontEnd(settings)
+    await front.start()
+    await stop.wait()
+    await front.stop()

@@ -1,0 +1,120 @@
+"""SID -> items for the front end, version by version, in step with the decoder's trie.
+
+The decoder says which catalog version constrained its answer; :class:`CatalogReader`
+maps the SIDs with that same version (loading it on demand), so a hot reload can never
+pair a new trie with an old item table or the reverse. Within a version:
+
+* a SID's items come in collision-rank order (the tokenizer's rule: most popular first)
+  and share the SID's score;
+* seen and excluded items are removed, by model index for the items the model knows and
+  by id for the rest, all vectorised over the candidates;
+* a SID that maps to no item is counted as illegal (it must never happen: the trie and
+  the table come from the same files).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from onerec import catalog
+from onerec.evaluate import SIDIndex
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CatalogView:
+    version: int
+    item_ids: np.ndarray  # (N,) str, the version's rows
+    sids: np.ndarray  # (N, L)
+    model_idx: np.ndarray  # (N,) the model's item index, -1 for items it never saw
+    popularity_order: np.ndarray  # (N,) rows, most popular first
+    sid_size: np.ndarray  # (N,) items sharing the row's SID
+    index: SIDIndex
+
+    @classmethod
+    def build(cls, version: catalog.CatalogVersion, model_items: dict[str, int]) -> CatalogView:
+        items = version.items
+        index = SIDIndex.build(items.codes, items.collision_rank, version.trie.codebook_size)
+        leaf = index.trie.leaf_of(items.codes)
+        sizes = np.diff(index.offsets)
+        model_idx = np.array([model_items.get(i, -1) for i in items.item_ids], np.int64)
+        order = np.lexsort((np.arange(len(leaf)), -items.popularity))
+        return cls(
+            version.version, items.item_ids, items.codes, model_idx, order, sizes[leaf], index
+        )
+
+    def rows_of(self, item_ids: np.ndarray) -> np.ndarray:
+        """Rows of the given ids that this version holds."""
+        return np.flatnonzero(np.isin(self.item_ids, item_ids))
+
+    def exclusion_sids(self, rows: np.ndarray) -> np.ndarray:
+        """SIDs worth excluding in the decoder: those whose only item is in ``rows``."""
+        rows = rows[self.sid_size[rows] == 1]
+        return self.sids[rows]
+
+    def allowed(
+        self, rows: np.ndarray, seen_idx: np.ndarray, excluded_ids: np.ndarray
+    ) -> np.ndarray:
+        """Mask over ``rows``: not seen (by model index) and not excluded (by id)."""
+        seen = np.isin(self.model_idx[rows], seen_idx) & (self.model_idx[rows] >= 0)
+        return ~seen & ~np.isin(self.item_ids[rows], excluded_ids)
+
+    def rank(
+        self,
+        sids: np.ndarray,
+        scores: np.ndarray,
+        seen_idx: np.ndarray,
+        excluded_ids: np.ndarray,
+        count: int,
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """(C, L) ranked SIDs -> (rows, scores) of the best ``count`` allowed items, and the
+        number of SIDs that map to no item (illegal)."""
+        valid = sids[:, 0] >= 0
+        leaves, leaf_scores = self.index.trie.leaf_of(sids[valid]), scores[valid]
+        legal = leaves >= 0
+        leaves, leaf_scores = leaves[legal], leaf_scores[legal]
+        rows = self.index.expand(leaves[None])[0]
+        rows = rows[rows >= 0]
+        row_scores = np.repeat(leaf_scores, np.diff(self.index.offsets)[leaves])
+        keep = self.allowed(rows, seen_idx, excluded_ids)
+        return rows[keep][:count], row_scores[keep][:count], int((~legal).sum())
+
+    def popular(self, seen_idx: np.ndarray, excluded_ids: np.ndarray, count: int) -> np.ndarray:
+        """The ``count`` most popular allowed rows (the fallback answer)."""
+        rows = self.popularity_order[: count + len(seen_idx) + len(excluded_ids)]
+        return rows[self.allowed(rows, seen_idx, excluded_ids)][:count]
+
+
+class CatalogReader:
+    """Versions of a catalog directory: the live one, and any one the decoder names."""
+
+    def __init__(self, directory: str | Path, model_items: dict[str, int], keep: int = 4):
+        self.directory = Path(directory)
+        self.model_items = model_items
+        self.keep = keep
+        self._views: OrderedDict[int, CatalogView] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, version: int | None = None) -> CatalogView:
+        """The named version, or the live one; loaded once and kept while recent."""
+        if version is None:
+            version = catalog.current_version(self.directory)
+        with self._lock:
+            view = self._views.get(version)
+            if view is not None:
+                self._views.move_to_end(version)
+                return view
+        view = CatalogView.build(catalog.load(self.directory, version), self.model_items)
+        log.info("catalog v%d loaded: %d items", version, len(view.item_ids))
+        with self._lock:
+            self._views[version] = view
+            while len(self._views) > self.keep:
+                self._views.popitem(last=False)
+        return view

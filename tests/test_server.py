@@ -1,0 +1,392 @@
+"""The gRPC front end as app backends use it: `onerec serve` in a subprocess, real sockets,
+the real tritonserver (conftest ``served``) and the SQLite feature store on disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import free_ports
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from onerec import catalog
+from onerec.repository import catalog_dir
+from onerec.v1 import recommender_pb2 as pb
+from onerec.v1 import recommender_pb2_grpc as pb_grpc
+from server.feature_store import SQLiteFeatureStore
+from server.triton_client import probe
+from server.triton_launcher import TritonPorts, TritonProcess
+
+
+class Server:
+    """An `onerec serve` subprocess on free ports."""
+
+    def __init__(self, served, tmp: Path, triton_url: str, *extra: str, store: Path | None = None):
+        _, _, _, repo, art = served
+        self.port, self.metrics_port = free_ports(2)
+        self.store = store or tmp / "features.sqlite"
+        if store is None:
+            shutil.copy(art / "features.sqlite", self.store)
+        argv = [sys.executable, "-m", "onerec", "serve", "--artifacts", str(art)]
+        argv += ["--repository", str(repo), "--triton-url", triton_url]
+        argv += ["--feature-store", str(self.store), "--port", str(self.port)]
+        argv += ["--metrics-port", str(self.metrics_port), "--peak-flops", "1e11", *extra]
+        self.log = open(tmp / f"server-{self.port}.log", "w")  # noqa: SIM115 - closed in stop
+        env = dict(os.environ, ONEREC_PROBE_INTERVAL_S="0.5")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def wait_health(self, want: int, channel: grpc.Channel, timeout: float = 90.0) -> None:
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, Path(self.log.name).read_text()[-3000:]
+            try:
+                got = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+                if got == want:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"health never became {want}: {Path(self.log.name).read_text()[-3000:]}")
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return urllib.request.urlopen(url, timeout=5).read().decode()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+        self.log.close()
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture(scope="module")
+def front(served, tmp_path_factory):
+    server = Server(served, tmp_path_factory.mktemp("front"), served[0].grpc_url)
+    channel = grpc.insecure_channel(server.address)
+    server.wait_health(SERVING, channel)
+    yield server, pb_grpc.RecommenderStub(channel)
+    channel.close()
+    server.stop()
+
+
+def _gauge(text: str, name: str) -> float:
+    return float(next(line for line in text.splitlines() if line.startswith(f"{name} ")).split()[1])
+
+
+def _user(served, i: int) -> str:
+    return str(served[1].users["user_id"].iloc[i])
+
+
+def _seen(served, user: str) -> set[str]:
+    ev = served[1].events
+    return set(ev.loc[ev["user_id"].astype(str) == user, "item_id"].astype(str))
+
+
+def test_recommend_returns_real_unseen_items_with_their_sids(served, front) -> None:
+    _, stub = front
+    live = catalog.load(catalog_dir(served[3]))
+    sid_of = dict(zip(live.items.item_ids, map(tuple, live.items.codes), strict=True))
+    for i in range(0, 40, 7):
+        user = _user(served, i)
+        r = stub.Recommend(pb.RecommendRequest(user_id=user, count=10, request_id=f"r{i}"))
+        assert r.degraded == "" and r.request_id == f"r{i}"
+        assert r.model_version.startswith("onerec-") and "catalog-v" in r.model_version
+        ids = [item.item_id for item in r.items]
+        assert len(ids) == 10 and len(set(ids)) == 10
+        assert not set(ids) & _seen(served, user)
+        for item in r.items:
+            assert tuple(item.semantic_id) == sid_of[item.item_id]
+        scores = [item.score for item in r.items]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_exclusions_and_inline_events_are_never_returned(served, front) -> None:
+    _, stub = front
+    user = _user(served, 3)
+    first = [i.item_id for i in stub.Recommend(pb.RecommendRequest(user_id=user)).items]
+    now = int(time.time() * 1000)
+    request = pb.RecommendRequest(
+        user_id=user,
+        exclude_item_ids=first[:3],
+        events=[pb.Event(item_id=first[3], timestamp_ms=now - 1000, watch_ms=5000, like=True)],
+    )
+    again = [i.item_id for i in stub.Recommend(request).items]
+    assert len(again) == 10 and not set(again) & set(first[:4])
+
+
+def test_unknown_user_gets_a_cold_start_answer(front) -> None:
+    server, stub = front
+    r = stub.Recommend(pb.RecommendRequest(user_id="never-seen-user", count=5))
+    assert r.degraded == "cold_start" and len(r.items) == 5
+    assert 'onerec_fallback_total{reason="cold_start"}' in server.metrics()
+
+
+def test_logged_events_are_durable_and_seen_by_the_next_recommend(served, front) -> None:
+    server, stub = front
+    user = _user(served, 5)
+    top = stub.Recommend(pb.RecommendRequest(user_id=user, count=3)).items[0].item_id
+    now = int(time.time() * 1000)
+    event = pb.Event(item_id=top, timestamp_ms=now, watch_ms=9000, click=True)
+    assert stub.LogEvents(pb.LogEventsRequest(user_id=user, events=[event])).accepted == 1
+    # Committed before the acknowledgement: another connection to the file sees it.
+    recent = SQLiteFeatureStore(server.store).recent(user, 1)
+    assert recent.timestamp.tolist() == [now]
+    after = [i.item_id for i in stub.Recommend(pb.RecommendRequest(user_id=user)).items]
+    assert top not in after
+
+
+BAD_RECOMMEND = [
+    ({"user_id": ""}, "user_id"),
+    ({"user_id": "u" * 200}, "user_id"),
+    ({"user_id": "a\x00b"}, "user_id"),
+    ({"count": -1}, "count"),
+    ({"count": 1000}, "count"),
+    ({"beam_width": 1000}, "beam_width"),
+    ({"count": 50, "beam_width": 20}, "beam_width"),
+    ({"exclude_item_ids": ["ok", ""]}, "exclude_item_ids[1]"),
+    ({"request_id": "r" * 500}, "request_id"),
+    ({"events": [pb.Event(item_id="x", timestamp_ms=4_000_000_000_000)]}, "events[0].timestamp_ms"),
+    ({"events": [pb.Event(item_id="x", timestamp_ms=5)]}, "events[0].timestamp_ms"),
+    ({"events": [pb.Event(item_id="", timestamp_ms=1_700_000_000_000)]}, "events[0].item_id"),
+    (
+        {"events": [pb.Event(item_id="x", timestamp_ms=1_700_000_000_000, watch_ms=-5)]},
+        "events[0].watch_ms",
+    ),
+    ({"events": [pb.Event(item_id="x", timestamp_ms=1_700_000_000_000)] * 300}, "events"),
+]
+
+
+@pytest.mark.parametrize(("fields", "name"), BAD_RECOMMEND)
+def test_bad_recommend_fields_are_invalid_argument_naming_the_field(front, fields, name) -> None:
+    _, stub = front
+    request = pb.RecommendRequest(**({"user_id": "u1"} | fields))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Recommend(request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(name)
+
+
+@pytest.mark.parametrize(
+    ("fields", "name"),
+    [
+        ({"user_id": "u1"}, "events"),
+        (
+            {"user_id": "", "events": [pb.Event(item_id="x", timestamp_ms=1_700_000_000_000)]},
+            "user_id",
+        ),
+    ],
+)
+def test_bad_log_events_are_invalid_argument(front, fields, name) -> None:
+    _, stub = front
+    with pytest.raises(grpc.RpcError) as err:
+        stub.LogEvents(pb.LogEventsRequest(**fields))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(name)
+
+
+def test_oversized_messages_are_refused(front) -> None:
+    _, stub = front
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Recommend(pb.RecommendRequest(user_id="u1", request_id="x" * (5 * 1024 * 1024)))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_metrics_health_and_reflection(front) -> None:
+    server, stub = front
+    stub.Recommend(pb.RecommendRequest(user_id="never-seen-user"))
+    text = server.metrics()
+    for name in (
+        'onerec_requests_total{code="OK",method="Recommend"}',
+        'onerec_request_latency_seconds_bucket{le="0.1",method="Recommend"}',
+        'onerec_stage_latency_seconds_count{stage="triton"}',
+        "onerec_model_flops_total",
+        "onerec_mfu",
+        "onerec_shed_total 0.0",
+        "onerec_illegal_items_total 0.0",
+    ):
+        assert name in text, name
+    assert _gauge(text, "onerec_qps") > 0
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(server.address) as channel:
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert "onerec.v1.Recommender" in services and "grpc.health.v1.Health" in services
+
+
+def test_triton_outage_falls_back_and_recovers(served, tmp_path) -> None:
+    """A Triton of its own: stopped mid-run, the front end answers from popularity and
+    reports NOT_SERVING; restarted on the same ports, the model answers again."""
+    _, _, cfg, repo, _ = served
+    ports = TritonPorts(*free_ports(3))
+    triton = TritonProcess(repo, ports, probe=lambda url: probe(url, cfg)).start()
+    server = Server(served, tmp_path, triton.grpc_url)
+    channel = grpc.insecure_channel(server.address)
+    stub = pb_grpc.RecommenderStub(channel)
+    user = _user(served, 2)
+    try:
+        server.wait_health(SERVING, channel)
+        assert stub.Recommend(pb.RecommendRequest(user_id=user)).degraded == ""
+        triton.stop()
+        r = stub.Recommend(pb.RecommendRequest(user_id=user), timeout=5)
+        assert r.degraded == "model_unavailable" and len(r.items) == 10
+        assert not {i.item_id for i in r.items} & _seen(served, user)
+        server.wait_health(NOT_SERVING, channel)
+        triton = TritonProcess(repo, ports, probe=lambda url: probe(url, cfg)).start()
+        server.wait_health(SERVING, channel)
+        assert stub.Recommend(pb.RecommendRequest(user_id=user)).degraded == ""
+        text = server.metrics()
+        assert 'onerec_fallback_total{reason="model_unavailable"}' in text
+        assert 'onerec_fallback_total{reason="model_unavailable"} 0.0' not in text
+    finally:
+        channel.close()
+        server.stop()
+        triton.stop()
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl binary to make a test certificate")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(d / "key.pem"),
+            "-out",
+            str(d / "cert.pem"),
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (d / "token").write_text("s3cret\n")
+    return d
+
+
+def test_tls_token_admission_and_graceful_shutdown(served, tls, tmp_path) -> None:
+    server = Server(
+        served,
+        tmp_path,
+        served[0].grpc_url,
+        "--tls-cert",
+        str(tls / "cert.pem"),
+        "--tls-key",
+        str(tls / "key.pem"),
+        "--auth-token-file",
+        str(tls / "token"),
+        "--max-inflight",
+        "2",
+    )
+    creds = grpc.ssl_channel_credentials((tls / "cert.pem").read_bytes())
+    options = [("grpc.ssl_target_name_override", "localhost")]
+    channel = grpc.secure_channel(server.address, creds, options)
+    try:
+        server.wait_health(SERVING, channel)  # health needs no token
+        stub = pb_grpc.RecommenderStub(channel)
+        request = pb.RecommendRequest(user_id=_user(served, 1), beam_width=512)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Recommend(request)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Recommend(request, metadata=[("authorization", "Bearer wrong")])
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        auth = [("authorization", "Bearer s3cret")]
+        assert len(stub.Recommend(request, metadata=auth).items) == 10
+        with grpc.insecure_channel(server.address) as plain:  # no TLS: no answer at all
+            with pytest.raises(grpc.RpcError) as err:
+                pb_grpc.RecommenderStub(plain).Recommend(request, metadata=auth, timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        # Admission control: 2 in flight at most; the rest are shed at once.
+        codes: list = []
+
+        def call() -> None:
+            try:
+                stub.Recommend(request, metadata=auth, timeout=30)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                codes.append(e.code())
+
+        threads = [threading.Thread(target=call) for _ in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) > 0
+        assert codes.count(grpc.StatusCode.OK) > 0
+        shed = _gauge(server.metrics(), "onerec_shed_total")
+        assert shed == codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+        # SIGTERM while a call is in flight: the call completes, then the process exits 0.
+        result: list = []
+        for _ in range(50):
+            call = threading.Thread(
+                target=lambda: result.append(stub.Recommend(request, metadata=auth, timeout=30))
+            )
+            call.start()
+            while call.is_alive() and _gauge(server.metrics(), "onerec_inflight") < 1:
+                pass
+            if call.is_alive():  # caught it inside the server
+                server.proc.send_signal(signal.SIGTERM)
+                call.join()
+                break
+            call.join()
+        else:
+            pytest.fail("never caught a call in flight")
+        assert server.proc.wait(60) == 0
+        assert len(result[-1].items) == 10
+    finally:
+        channel.close()
+        server.stop()
+
+
+def test_acknowledged_events_survive_kill_9(served, tmp_path) -> None:
+    server = Server(served, tmp_path, served[0].grpc_url)
+    channel = grpc.insecure_channel(server.address)
+    try:
+        server.wait_health(SERVING, channel)
+        stub = pb_grpc.RecommenderStub(channel)
+        now = int(time.time() * 1000)
+        acked = 0
+        for i in range(20):
+            e = pb.Event(item_id=f"item-{i}", timestamp_ms=now + i, watch_ms=100)
+            acked += stub.LogEvents(pb.LogEventsRequest(user_id="crash-user", events=[e])).accepted
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(30)
+    finally:
+        channel.close()
+        server.log.close()
+    store = SQLiteFeatureStore(server.store)
+    assert acked == 20 and store.version("crash-user") == 20
+    np.testing.assert_array_equal(store.history("crash-user").timestamp, now + np.arange(20))
