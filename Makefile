@@ -27,10 +27,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Build the default model on the synthetic data (data, SIDs, ~5 min of training, ONNX,
-# model repository; each stage is reused when present), then serve it with Triton.
+# model repository, feature store; each stage is reused when present), then serve it: Triton
+# and the gRPC front end on :50051, metrics on :9464.
 run: install
 	$(BIN)/onerec build
-	$(BIN)/onerec triton
+	$(BIN)/onerec serve
 
 test: install
 	$(BIN)/ruff check .

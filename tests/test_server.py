@@ -390,3 +390,41 @@ def test_acknowledged_events_survive_kill_9(served, tmp_path) -> None:
     store = SQLiteFeatureStore(server.store)
     assert acked == 20 and store.version("crash-user") == 20
     np.testing.assert_array_equal(store.history("crash-user").timestamp, now + np.arange(20))
+
+
+def test_onerec_serve_alone_starts_triton_and_stops_both(served, tmp_path) -> None:
+    """`make run`'s serving step: no --triton-url, so it launches its own Triton."""
+    _, _, _, repo, art = served
+    http, grpc_port, metrics, port, front_metrics = free_ports(5)
+    env = dict(os.environ, TRITON_HTTP_PORT=str(http), TRITON_GRPC_PORT=str(grpc_port))
+    env |= {"TRITON_METRICS_PORT": str(metrics), "ONEREC_PORT": str(port)}
+    env |= {"ONEREC_METRICS_PORT": str(front_metrics), "ONEREC_PEAK_FLOPS": "1e11"}
+    env.pop("ONEREC_TRITON_URL", None)
+    shutil.copy(art / "features.sqlite", tmp_path / "f.sqlite")
+    argv = [sys.executable, "-m", "onerec", "serve", "--artifacts", str(art)]
+    argv += ["--repository", str(repo), "--feature-store", str(tmp_path / "f.sqlite")]
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    if status == SERVING:
+                        break
+                except grpc.RpcError:
+                    time.sleep(0.3)
+            r = pb_grpc.RecommenderStub(channel).Recommend(
+                pb.RecommendRequest(user_id=_user(served, 0)), timeout=10
+            )
+            assert r.degraded == "" and len(r.items) == 10
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0
+        text = (tmp_path / "serve.log").read_text()
+        assert "front end stopped" in text and "successfully unloaded 'onerec_decoder'" in text
+    finally:
+        proc.kill()
+        log.close()
