@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # pip's find-links index on this machine is noisy about missing mirror folders.
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install stubs run test eval lint format build bench-tokenizer clean
+.PHONY: install stubs run test eval lint format build bench-tokenizer clean k8s-check
 
 PROTO := protos/onerec/v1/recommender.proto
 STUBS := onerec/v1/recommender_pb2_grpc.py
@@ -37,6 +37,11 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
+
+# The Helm chart in k8s/, offline: lint, render each profile with Helm's Go SDK, validate
+# every object against Kubernetes 1.31 (strict). `make test` runs it too (tests/test_k8s.py).
+k8s-check: install
+	$(BIN)/python k8s/check.py
 
 # Offline quality: build, train and evaluate on the synthetic set and, when present, on
 # ../shared/data/ml-latest-small. Writes reports/eval.json and reports/eval.md.
