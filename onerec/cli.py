@@ -333,6 +333,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recommend(args: argparse.Namespace) -> int:
+    """Call a running front end and print its answer as a table."""
+    import grpc
+    import pandas as pd
+
+    from onerec.v1 import recommender_pb2 as pb
+    from onerec.v1 import recommender_pb2_grpc as pb_grpc
+
+    metadata = []
+    if args.token_file:
+        metadata.append(("authorization", f"Bearer {Path(args.token_file).read_text().strip()}"))
+    request = pb.RecommendRequest(user_id=args.user, count=args.count, beam_width=args.beam_width)
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            reply = pb_grpc.RecommenderStub(channel).Recommend(
+                request, timeout=args.timeout, metadata=metadata
+            )
+        except grpc.RpcError as e:
+            console.print(f"[red]{e.code().name}:[/] {e.details()}")
+            return 1
+    items_path = Path(args.artifacts) / "data" / "items.parquet"
+    about: dict[str, str] = {}
+    if items_path.is_file():
+        items = pd.read_parquet(items_path)
+        label = items["title"].fillna("").astype(str)
+        label = label.where(label != "", items["tag"].astype(str))
+        about = dict(zip(items["item_id"].astype(str), label, strict=True))
+    note = f", degraded: {reply.degraded}" if reply.degraded else ""
+    table = Table(title=f"{args.user}: {reply.model_version}{note}")
+    for col, justify in (
+        ("#", "right"),
+        ("item", "left"),
+        ("score", "right"),
+        ("SID", "left"),
+        ("title / topic", "left"),
+    ):
+        table.add_column(col, justify=justify)
+    for rank, item in enumerate(reply.items, 1):
+        sid = "-".join(map(str, item.semantic_id))
+        table.add_row(
+            str(rank), item.item_id, f"{item.score:.3f}", sid, about.get(item.item_id, "")
+        )
+    console.print(table)
+    return 0
+
+
 def cmd_catalog(args: argparse.Namespace) -> int:
     """Show the live catalog, or publish a version with items added or removed."""
     directory = catalog_dir(args.repository)
@@ -403,6 +449,68 @@ def cmd_bench_triton(args: argparse.Namespace) -> int:
     finally:
         if process is not None:
             process.stop()
+    console.print(table)
+    return 0
+
+
+def cmd_bench_pathways(args: argparse.Namespace) -> int:
+    """Time the front end's pathway build per history length: store reads, then the
+    lifelong compression (first call) or its cache (second call)."""
+    import tempfile
+
+    from server.feature_store import EventRow, SQLiteFeatureStore
+    from server.pathway_builder import PathwayBuilder
+
+    rng = np.random.default_rng(args.seed)
+    vectors = rng.normal(size=(args.items, 64)).astype(np.float32)
+    cfg = OneRecConfig(n_items=args.items)
+    table = Table(title="pathways of one request, SQLite feature store")
+    for col in (
+        "history",
+        "store reads ms",
+        "lifelong (cold) ms",
+        "total cold ms",
+        "total warm ms",
+    ):
+        table.add_column(col, justify="right")
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SQLiteFeatureStore(Path(tmp) / "bench.sqlite")
+        for n in args.history:
+            user = f"u{n}"
+            items = rng.integers(0, args.items, n)
+            store.append(
+                user,
+                (
+                    EventRow(
+                        f"i{i}",
+                        int(i),
+                        1_700_000_000_000 + t * 1000,
+                        5000,
+                        10000,
+                        (True, t % 3 == 0, False, False, False, False),
+                        t % 3 == 0,
+                    )
+                    for t, i in enumerate(items)
+                ),
+            )
+            builder = PathwayBuilder(store, cfg, vectors)
+            now = 1_700_000_000_000 + n * 1000 + 1
+            started = time.perf_counter()
+            cold = builder.build(user, now, np.zeros(0, np.int64))
+            cold_s = time.perf_counter() - started
+            warm = []
+            for _ in range(args.repeats):
+                started = time.perf_counter()
+                builder.build(user, now, np.zeros(0, np.int64))
+                warm.append(time.perf_counter() - started)
+            table.add_row(
+                f"{n:,}",
+                f"{cold.features_s * 1e3:.1f}",
+                f"{cold.lifelong_s * 1e3:.1f}",
+                f"{cold_s * 1e3:.1f}",
+                f"{np.median(warm) * 1e3:.1f}",
+            )
+        store.close()
     console.print(table)
     return 0
 
@@ -493,6 +601,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (default: measured)")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("recommend", help="ask a running front end, print a table")
+    p.add_argument("--user", required=True)
+    p.add_argument("--count", type=int, default=10)
+    p.add_argument("--beam-width", type=int, default=0, help="0 = the server's default")
+    p.add_argument("--address", default=f"localhost:{os.environ.get('ONEREC_PORT', '50051')}")
+    p.add_argument("--artifacts", default="artifacts/synthetic", help="for item titles/topics")
+    p.add_argument("--token-file", help="bearer token, if the server requires one")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_recommend)
+
     p = sub.add_parser("triton", help="serve a model repository with the local tritonserver")
     p.add_argument("--repository", default=str(TEMPLATE))
     p.add_argument("--http-port", type=int, help="default 8000 or $TRITON_HTTP_PORT")
@@ -536,6 +654,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_bench_triton)
+    p = bench.add_parser("pathways", help="front-end pathway build time per history length")
+    p.add_argument("--history", type=_ints, default=[100, 1_000, 10_000, 100_000])
+    p.add_argument("--items", type=int, default=10_000)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_bench_pathways)
     return parser
 
 

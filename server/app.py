@@ -230,5 +230,16 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     front = FrontEnd(settings)
     await front.start()
+    user = front.ctx.store.any_user() or "u0"
+    print(
+        f"\nOneRec is serving.\n"
+        f"  gRPC     localhost:{front.port}  (onerec.v1.Recommender, grpc.health.v1, reflection)\n"
+        f"  metrics  http://localhost:{settings.metrics_port}/metrics\n"
+        f"  try      .venv/bin/onerec recommend --user {user} --address localhost:{front.port}\n"
+        f'           grpcurl -plaintext -d \'{{"user_id": "{user}", "count": 5}}\' '
+        f"localhost:{front.port} onerec.v1.Recommender/Recommend\n"
+        f"  stop     Ctrl-C\n",
+        flush=True,
+    )
     await stop.wait()
     await front.stop()

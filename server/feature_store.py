@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, ts);
 CREATE INDEX IF NOT EXISTS positives_by_user ON events (user_id, positive, ts);
+CREATE INDEX IF NOT EXISTS appends_by_user ON events (user_id);  -- (user_id, rowid) order
 CREATE TABLE IF NOT EXISTS versions (
   user_id TEXT PRIMARY KEY,
   n_events INTEGER NOT NULL          -- grows with every append: the cache key
@@ -84,6 +85,18 @@ class FeatureStore(Protocol):
 
     def history(self, user_id: str) -> History:
         """Every event, in time order."""
+        ...
+
+    def mark(self, user_id: str) -> int:
+        """A position in the user's append order: events appended later come after it."""
+        ...
+
+    def items_after(self, user_id: str, mark: int) -> tuple[np.ndarray, int]:
+        """Model indices of the events appended after ``mark``, and the new mark."""
+        ...
+
+    def any_user(self) -> str | None:
+        """Some user with a profile (for examples)."""
         ...
 
     def items_outside(self, user_id: str, n_items: int) -> list[str]:
@@ -152,6 +165,22 @@ class SQLiteFeatureStore:
             .fetchall()
         )
         return _history(rows)
+
+    def mark(self, user_id: str) -> int:
+        sql = "SELECT max(rowid) FROM events WHERE user_id=?"
+        row = self._conn().execute(sql, (user_id,)).fetchone()
+        return int(row[0] or 0)
+
+    def items_after(self, user_id: str, mark: int) -> tuple[np.ndarray, int]:
+        sql = "SELECT item_idx, rowid FROM events WHERE user_id=? AND rowid>? ORDER BY rowid"
+        rows = self._conn().execute(sql, (user_id, mark)).fetchall()
+        a = np.array(rows, np.int64).reshape(len(rows), 2)
+        return a[:, 0], int(a[-1, 1]) if len(a) else mark
+
+    def any_user(self) -> str | None:
+        """Some user with a profile (for examples)."""
+        row = self._conn().execute("SELECT user_id FROM users LIMIT 1").fetchone()
+        return None if row is None else row[0]
 
     def items_outside(self, user_id: str, n_items: int) -> list[str]:
         rows = (

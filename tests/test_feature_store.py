@@ -67,19 +67,25 @@ def _row(item: int, ts: int, like: bool = False) -> EventRow:
     return EventRow(f"i{item}", item, ts, 30_000, 60_000, flags, like)
 
 
-def test_appends_invalidate_the_lifelong_cache_and_join_short_term(data, tmp_path) -> None:
+@pytest.mark.parametrize("refresh_events", [0, 64])
+def test_appends_join_short_term_and_seen_and_refresh_the_lifelong_cache(
+    data, tmp_path, refresh_events
+) -> None:
     ds, _, vectors = data
     path = tmp_path / "f.sqlite"
     load_dataset(ds, path).close()
     store = SQLiteFeatureStore(path)
-    builder = PathwayBuilder(store, CFG, vectors)
+    builder = PathwayBuilder(store, CFG, vectors, refresh_events=refresh_events)
     user = str(ds.users["user_id"].iloc[0])
     last = int(store.history(user).timestamp[-1])
     static = store.static(user)
     builder.build(user, last + 10, static)
     assert store.append(user, [_row(7, last + 1, like=True), _row(9, last + 2)]) == 2
     built = builder.build(user, last + 10, static)
-    assert built.lifelong_s > 0
+    assert (built.lifelong_s > 0) == (refresh_events == 0)  # recompressed, or reused
+    assert {7, 9} <= set(built.seen.tolist())  # exact either way
+    store.append(user, [_row(33, 1)])  # logged late: older than everything stored
+    assert 33 in builder.build(user, last + 10, static).seen
     got = built.pathways
     assert got["short_items"][:2].tolist() == [10, 8]  # most recent first, index + 1
     assert got["pos_items"][0] == 8

@@ -18,8 +18,11 @@ import numpy as np
 import pytest
 from conftest import free_ports
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from onerec import catalog
+from onerec.cli import main
 from onerec.repository import catalog_dir
 from onerec.v1 import recommender_pb2 as pb
 from onerec.v1 import recommender_pb2_grpc as pb_grpc
@@ -200,6 +203,56 @@ def test_bad_log_events_are_invalid_argument(front, fields, name) -> None:
     assert err.value.details().startswith(name)
 
 
+KNOWN_FIELDS = ("user_id", "count", "beam_width", "events", "exclude_item_ids", "request_id")
+texts = st.text(max_size=300)
+events = st.builds(
+    pb.Event,
+    item_id=texts,
+    timestamp_ms=st.integers(-(2**63), 2**63 - 1),
+    watch_ms=st.integers(-(2**63), 2**63 - 1),
+    like=st.booleans(),
+    hate=st.booleans(),
+)
+requests = st.builds(
+    pb.RecommendRequest,
+    user_id=texts,
+    count=st.integers(-(2**31), 2**31 - 1),
+    beam_width=st.integers(-(2**31), 2**31 - 1),
+    events=st.lists(events, max_size=300),
+    exclude_item_ids=st.lists(texts, max_size=5),
+    request_id=texts,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(request=requests)
+def test_generated_requests_get_an_answer_or_a_named_invalid_argument(front, request) -> None:
+    """Whatever the fields hold: a valid answer, or INVALID_ARGUMENT naming a field;
+    never another error, and the server keeps serving."""
+    _, stub = front
+    try:
+        reply = stub.Recommend(request, timeout=30)
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
+        assert e.details().split(":")[0].split("[")[0] in KNOWN_FIELDS, e.details()
+    else:
+        assert len(reply.items) == (request.count or 10)
+    assert stub.Recommend(pb.RecommendRequest(user_id="never-seen-user")).items
+
+
+def test_cli_client_prints_a_table(served, front, capsys) -> None:
+    server, _ = front
+    user = _user(served, 4)
+    argv = ["recommend", "--user", user, "--count", "4", "--address", server.address]
+    assert main([*argv, "--artifacts", str(served[4])]) == 0
+    out = capsys.readouterr().out
+    assert user in out and "catalog-v" in out and "cat" in out  # synthetic topics: catN/subM
+    assert main(["recommend", "--user", "", "--address", server.address]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().out
+
+
 def test_oversized_messages_are_refused(front) -> None:
     _, stub = front
     with pytest.raises(grpc.RpcError) as err:
@@ -207,10 +260,19 @@ def test_oversized_messages_are_refused(front) -> None:
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_metrics_health_and_reflection(front) -> None:
+def test_metrics_health_and_reflection(served, front) -> None:
     server, stub = front
     stub.Recommend(pb.RecommendRequest(user_id="never-seen-user"))
+    before = server.metrics()
+    stub.Recommend(pb.RecommendRequest(user_id=_user(served, 9)))
     text = server.metrics()
+    ok = 'onerec_requests_total{code="OK",method="Recommend"}'
+    for name in (
+        ok,
+        "onerec_model_flops_total",
+        'onerec_stage_latency_seconds_count{stage="triton"}',
+    ):
+        assert _gauge(text, name) > _gauge(before, name), name
     for name in (
         'onerec_requests_total{code="OK",method="Recommend"}',
         'onerec_request_latency_seconds_bucket{le="0.1",method="Recommend"}',
@@ -390,6 +452,16 @@ def test_acknowledged_events_survive_kill_9(served, tmp_path) -> None:
     store = SQLiteFeatureStore(server.store)
     assert acked == 20 and store.version("crash-user") == 20
     np.testing.assert_array_equal(store.history("crash-user").timestamp, now + np.arange(20))
+    # Restarted on the same file, the server knows the user by those events alone.
+    again = Server(served, tmp_path, served[0].grpc_url, store=server.store)
+    channel = grpc.insecure_channel(again.address)
+    try:
+        again.wait_health(SERVING, channel)
+        r = pb_grpc.RecommenderStub(channel).Recommend(pb.RecommendRequest(user_id="crash-user"))
+        assert r.degraded == "" and len(r.items) == 10
+    finally:
+        channel.close()
+        again.stop()
 
 
 def test_onerec_serve_alone_starts_triton_and_stops_both(served, tmp_path) -> None:
