@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # pip's find-links index on this machine is noisy about missing mirror folders.
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install stubs run test eval lint format build bench-tokenizer clean k8s-check
+.PHONY: install stubs run test eval lint format build bench-tokenizer loadtest bench clean k8s-check
 
 PROTO := protos/onerec/v1/recommender.proto
 STUBS := onerec/v1/recommender_pb2_grpc.py
@@ -68,6 +68,16 @@ format: install
 
 bench-tokenizer: install
 	$(BIN)/onerec bench tokenizer --items 100000 --codebook-size 256
+
+# Bounded headless Locust run; starts the stack first if nothing serves at HOST.
+USERS ?= 20
+SPAWN_RATE ?= 10
+DURATION ?= 30s
+HOST ?= localhost:50051
+loadtest: install
+	$(BIN)/onerec build
+	$(BIN)/python loadtest/run.py --host $(HOST) --users $(USERS) --spawn-rate $(SPAWN_RATE) \
+	  --run-time $(DURATION) --out reports/loadtest
 
 clean:
 	rm -rf artifacts reports .pytest_cache .ruff_cache .hypothesis

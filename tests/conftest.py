@@ -1,12 +1,20 @@
-"""Shared fixtures: where the real public data sets live, and how their absence is handled."""
+"""Shared fixtures: the real public data sets, free ports, and the tiny served stack."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SHARED_DATA = Path(
     os.environ.get("ONEREC_SHARED_DATA", Path(__file__).parents[1] / ".." / "shared" / "data")
@@ -82,3 +90,49 @@ def served(tmp_path_factory):
     triton = TritonProcess(repo, TritonPorts(*free_ports(3)), probe=lambda url: probe(url, cfg))
     with triton:
         yield triton, ds, cfg, repo, art
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+class Server:
+    """An `onerec serve` subprocess on free ports."""
+
+    def __init__(self, served, tmp: Path, triton_url: str, *extra: str, store: Path | None = None):
+        _, _, _, repo, art = served
+        self.port, self.metrics_port = free_ports(2)
+        self.store = store or tmp / "features.sqlite"
+        if store is None:
+            shutil.copy(art / "features.sqlite", self.store)
+        argv = [sys.executable, "-m", "onerec", "serve", "--artifacts", str(art)]
+        argv += ["--repository", str(repo), "--triton-url", triton_url]
+        argv += ["--feature-store", str(self.store), "--port", str(self.port)]
+        argv += ["--metrics-port", str(self.metrics_port), "--peak-flops", "1e11", *extra]
+        self.log = open(tmp / f"server-{self.port}.log", "w")  # noqa: SIM115 - closed in stop
+        env = dict(os.environ, ONEREC_PROBE_INTERVAL_S="0.5")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def wait_health(self, want: int, channel: grpc.Channel, timeout: float = 90.0) -> None:
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, Path(self.log.name).read_text()[-3000:]
+            try:
+                got = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+                if got == want:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"health never became {want}: {Path(self.log.name).read_text()[-3000:]}")
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return urllib.request.urlopen(url, timeout=5).read().decode()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+        self.log.close()
