@@ -25,7 +25,7 @@ def serving(host: str, timeout: float = 2.0) -> bool:
     with grpc.insecure_channel(host) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=timeout
+                health_pb2.HealthCheckRequest(service="onerec.v1.Recommender"), timeout=timeout
             )
         except grpc.RpcError:
             return False

@@ -5,10 +5,12 @@ table and item vectors from the build's artefacts, and opens the feature store. 
 server carries the Recommender service, ``grpc.health.v1`` and reflection, with optional
 TLS, an optional bearer token and message-size limits.
 
-Health is SERVING only while a real tiny inference through Triton succeeds: a loop probes
-every ``probe_interval_s`` and flips both the health status and the service's
-``model_ready`` (which routes requests to the popularity fallback while Triton is away,
-and back when it returns). SIGTERM sets NOT_SERVING, lets in-flight calls finish within
+Health of ``onerec.v1.Recommender`` is SERVING only while a real tiny inference through
+Triton succeeds: a loop probes every ``probe_interval_s`` and flips both that status and
+the service's ``model_ready`` (which routes requests to the popularity fallback while
+Triton is away, and back when it returns). The overall status ``""`` says the process is
+alive (Kubernetes' liveness probe), so a Triton outage drains traffic via readiness but
+never restarts healthy front ends. SIGTERM sets NOT_SERVING, lets in-flight calls finish within
 ``grace_s``, then exits.
 """
 
@@ -177,6 +179,8 @@ class FrontEnd:
             self.port = self.server.add_secure_port(address, creds)
         else:
             self.port = self.server.add_insecure_port(address)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)  # process liveness
+        self.service.model_ready = True  # so that the first probe's outcome is logged
         await self._set_health(await self.model.probe(self.ctx.cfg))
         self.ctx.catalog.get()  # load the live catalog before the first call
         await self.server.start()
@@ -200,8 +204,7 @@ class FrontEnd:
             if ready
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in ("", SERVICE):
-            await self.health.set(name, status)
+        await self.health.set(SERVICE, status)
 
     async def _probe_loop(self) -> None:
         while True:

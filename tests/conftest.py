@@ -119,7 +119,9 @@ class Server:
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, Path(self.log.name).read_text()[-3000:]
             try:
-                got = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+                got = stub.Check(
+                    health_pb2.HealthCheckRequest(service="onerec.v1.Recommender"), timeout=2
+                ).status
                 if got == want:
                     return
             except grpc.RpcError:

@@ -264,6 +264,8 @@ def test_triton_outage_falls_back_and_recovers(served, tmp_path) -> None:
         assert r.degraded == "model_unavailable" and len(r.items) == 10
         assert not {i.item_id for i in r.items} & _seen(served, user)
         server.wait_health(NOT_SERVING, channel)
+        alive = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert alive.status == SERVING  # liveness: the process is fine, only the model is away
         triton = TritonProcess(repo, ports, probe=lambda url: probe(url, cfg)).start()
         server.wait_health(SERVING, channel)
         assert stub.Recommend(pb.RecommendRequest(user_id=user)).degraded == ""
@@ -437,7 +439,9 @@ def test_onerec_serve_alone_starts_triton_and_stops_both(served, tmp_path) -> No
             while time.monotonic() < deadline:
                 assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
                 try:
-                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    status = stub.Check(
+                        health_pb2.HealthCheckRequest(service="onerec.v1.Recommender"), timeout=2
+                    ).status
                     if status == SERVING:
                         break
                 except grpc.RpcError:
