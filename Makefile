@@ -79,5 +79,11 @@ loadtest: install
 	$(BIN)/python loadtest/run.py --host $(HOST) --users $(USERS) --spawn-rate $(SPAWN_RATE) \
 	  --run-time $(DURATION) --out reports/loadtest
 
+# The serving stack against the naive baseline (same run, same weights): writes
+# reports/bench.json, reports/bench.md and PNG plots. About 5 minutes after the build.
+bench: install
+	$(BIN)/onerec build
+	$(BIN)/python loadtest/bench.py --out reports
+
 clean:
 	rm -rf artifacts reports .pytest_cache .ruff_cache .hypothesis

@@ -29,6 +29,9 @@ def _providers() -> list[str]:
 def _session(path: Path, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    # Idle pool threads spin by default; beside Triton's other instances and the front end
+    # on the same cores, that spinning steals the CPU the busy sessions need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=_providers())
 
 
