@@ -101,8 +101,15 @@ class Stack:
 
     def __enter__(self) -> Stack:
         self.triton.start()
+        try:
+            return self._start_front()
+        except BaseException:
+            self.triton.stop()
+            raise
+
+    def _start_front(self) -> Stack:
         self.argv += ["--triton-url", self.triton.grpc_url]
-        self._log = open(self.log, "w")  # closed in __exit__
+        self._log = open(self.log, "w")  # noqa: SIM115 - the child writes it until __exit__
         self.front = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.stub = pb_grpc.RecommenderStub(self.channel)
@@ -113,16 +120,22 @@ class Stack:
                 return self
             except grpc.RpcError as e:
                 if self.front.poll() is not None or time.monotonic() > deadline:
+                    self.front.kill()
                     tail = self.log.read_text()[-2000:]
                     raise RuntimeError(f"front end did not start: {tail}") from e
                 time.sleep(0.5)
 
     def __exit__(self, *exc) -> None:
-        self.channel.close()
-        self.front.send_signal(signal.SIGTERM)
-        self.front.wait(60)
-        self._log.close()
-        self.triton.stop()
+        try:
+            self.channel.close()
+            self.front.send_signal(signal.SIGTERM)
+            try:
+                self.front.wait(60)
+            except subprocess.TimeoutExpired:
+                self.front.kill()
+            self._log.close()
+        finally:
+            self.triton.stop()
 
 
 @dataclass
@@ -146,8 +159,12 @@ def closed_loop(stub, users, life_len, cfg, beam: int, clients: int, seconds: fl
             u = int(rng.integers(len(users)))
             started = time.perf_counter()
             try:
-                stub.Recommend(pb.RecommendRequest(user_id=users[u], beam_width=beam), timeout=30)
+                reply = stub.Recommend(
+                    pb.RecommendRequest(user_id=users[u], beam_width=beam), timeout=30
+                )
             except grpc.RpcError:
+                reply = None
+            if reply is None or reply.degraded:  # a failure or a fallback: not the model
                 with lock:
                     errors[0] += 1
                 continue
@@ -215,7 +232,7 @@ def _row(level: Level, peak: float) -> dict:
         "p99_ms": float(pct[2]),
         "mfu": level.flops / level.wall / peak,
         "requests": len(ms),
-        "errors": level.errors,
+        "errors_or_fallbacks": level.errors,
     }
 
 

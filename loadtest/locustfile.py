@@ -95,8 +95,10 @@ class RecommenderUser(User):
     def _user(self) -> str:
         if self.rng.random() < UNKNOWN:
             return f"unknown-{self.rng.integers(1 << 30)}"
-        rank = min(int(self.rng.zipf(ZIPF_A)), len(USERS)) - 1
-        return str(USERS[rank])
+        rank = int(self.rng.zipf(ZIPF_A))
+        while rank > len(USERS):  # redraw the tail rather than pile it on the last user
+            rank = int(self.rng.zipf(ZIPF_A))
+        return str(USERS[rank - 1])
 
     @task(9)
     def recommend(self) -> None:

@@ -42,7 +42,7 @@ def start_stack(host: str, artifacts: str, log: Path) -> subprocess.Popen:
     deadline = time.monotonic() + 300
     while not serving(host):
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+            proc.send_signal(signal.SIGTERM)  # not SIGKILL: it must stop its Triton
             raise RuntimeError(f"the stack did not come up; see {log}")
         time.sleep(0.5)
     return proc
@@ -72,9 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ, ONEREC_ARTIFACTS=args.artifacts)
         return subprocess.run(locust, env=env).returncode
     finally:
-        if stack is not None:
+        if stack is not None:  # SIGTERM lets onerec serve stop its own Triton too
             stack.send_signal(signal.SIGTERM)
-            stack.wait(120)
+            try:
+                stack.wait(120)
+            except subprocess.TimeoutExpired:
+                stack.kill()
 
 
 if __name__ == "__main__":

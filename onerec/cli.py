@@ -166,7 +166,8 @@ def _build_model(out: Path, args: argparse.Namespace) -> None:
     else:
         from server.feature_store import load_dataset
 
-        store.unlink(missing_ok=True)
+        for path in (store, Path(f"{store}-wal"), Path(f"{store}-shm")):  # a stale WAL
+            path.unlink(missing_ok=True)  # would be replayed into the new file
         started = time.perf_counter()
         load_dataset(Dataset.load(out / "data"), store).close()
         console.print(f"feature store {store} in {time.perf_counter() - started:.1f}s")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ from server.validation import Limits
 log = logging.getLogger(__name__)
 SERVICE = "onerec.v1.Recommender"
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+PROBE_FAILURES = 2
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -97,7 +99,8 @@ class BearerToken(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, details):
         if details.method.startswith(f"/{SERVICE}/"):
             metadata = dict(details.invocation_metadata or ())
-            if metadata.get("authorization") != self.expected:
+            given = metadata.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), self.expected.encode()):
                 return self._deny
         return await continuation(details)
 
@@ -149,13 +152,19 @@ class FrontEnd:
         self.service = RecommenderService(self.ctx)
         self.health = health.aio.HealthServicer()
         self._probe_task: asyncio.Task | None = None
+        self._failures = 0
         self.port = 0
 
     async def start(self) -> None:
         s = self.s
         interceptors = []
         if s.auth_token_file:
-            interceptors.append(BearerToken(Path(s.auth_token_file).read_text().strip()))
+            token = Path(s.auth_token_file).read_text().strip()
+            if not token:
+                raise ValueError(f"{s.auth_token_file}: the bearer token file is empty")
+            interceptors.append(BearerToken(token))
+        if bool(s.tls_cert) != bool(s.tls_key):
+            raise ValueError("TLS needs both a certificate (--tls-cert) and a key (--tls-key)")
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -195,6 +204,13 @@ class FrontEnd:
             self.service.model_ready,
         )
 
+    async def _observe_probe(self, ok: bool) -> None:
+        """Down after ``PROBE_FAILURES`` failed probes in a row, up after one success: one
+        slow probe under load must not send everyone to the fallback."""
+        self._failures = 0 if ok else self._failures + 1
+        if ok or self._failures >= PROBE_FAILURES:
+            await self._set_health(ok)
+
     async def _set_health(self, ready: bool) -> None:
         if ready != self.service.model_ready:
             log.warning("model %s", "ready" if ready else "unavailable: serving fallbacks")
@@ -209,7 +225,10 @@ class FrontEnd:
     async def _probe_loop(self) -> None:
         while True:
             await asyncio.sleep(self.s.probe_interval_s)
-            await self._set_health(await self.model.probe(self.ctx.cfg))
+            try:
+                await self._observe_probe(await self.model.probe(self.ctx.cfg))
+            except Exception:  # the loop must outlive any surprise
+                log.exception("health probe failed unexpectedly")
 
     async def stop(self) -> None:
         """NOT_SERVING first, so load balancers drain us; then finish in-flight calls."""
@@ -219,6 +238,7 @@ class FrontEnd:
         await self.server.stop(self.s.grace_s)
         await self.model.close()
         self.metrics.close()
+        self.ctx.store.close()
         log.info("front end stopped")
 
     async def wait(self) -> None:

@@ -37,22 +37,49 @@ class CatalogView:
     popularity_order: np.ndarray  # (N,) rows, most popular first
     sid_size: np.ndarray  # (N,) items sharing the row's SID
     index: SIDIndex
+    row_by_id: dict[str, int]
+    row_by_model: np.ndarray  # (n_model_items,) row of each model item index, -1 if absent
 
     @classmethod
     def build(cls, version: catalog.CatalogVersion, model_items: dict[str, int]) -> CatalogView:
+        """Built once per version (off the event loop): every per-request lookup after
+        this is an array index or a dict probe, never a scan of the catalog."""
         items = version.items
         index = SIDIndex.build(items.codes, items.collision_rank, version.trie.codebook_size)
         leaf = index.trie.leaf_of(items.codes)
         sizes = np.diff(index.offsets)
         model_idx = np.array([model_items.get(i, -1) for i in items.item_ids], np.int64)
         order = np.lexsort((np.arange(len(leaf)), -items.popularity))
+        row_by_model = np.full(len(model_items), -1, np.int64)
+        known = np.flatnonzero(model_idx >= 0)
+        row_by_model[model_idx[known]] = known
+        row_by_id = {item: row for row, item in enumerate(items.item_ids.tolist())}
         return cls(
-            version.version, items.item_ids, items.codes, model_idx, order, sizes[leaf], index
+            version.version,
+            items.item_ids,
+            items.codes,
+            model_idx,
+            order,
+            sizes[leaf],
+            index,
+            row_by_id,
+            row_by_model,
         )
 
-    def rows_of(self, item_ids: np.ndarray) -> np.ndarray:
-        """Rows of the given ids that this version holds."""
-        return np.flatnonzero(np.isin(self.item_ids, item_ids))
+    def rows_of(self, item_ids) -> np.ndarray:
+        """Rows of the given ids (a few: request exclusions) that this version holds."""
+        rows = [self.row_by_id.get(str(i), -1) for i in item_ids]
+        return np.array([r for r in rows if r >= 0], np.int64)
+
+    def rows_of_model(self, model_idx: np.ndarray) -> np.ndarray:
+        """Rows of the given model item indices that this version holds."""
+        idx = model_idx[(model_idx >= 0) & (model_idx < len(self.row_by_model))]
+        rows = self.row_by_model[idx]
+        return rows[rows >= 0]
+
+    def holds(self, item_ids: np.ndarray) -> np.ndarray:
+        """Mask: which of these ids this version holds."""
+        return np.array([str(i) in self.row_by_id for i in item_ids], bool)
 
     def exclusion_sids(self, rows: np.ndarray) -> np.ndarray:
         """SIDs worth excluding in the decoder: those whose only item is in ``rows``."""

@@ -48,6 +48,12 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, ts);
 CREATE INDEX IF NOT EXISTS positives_by_user ON events (user_id, positive, ts);
 CREATE INDEX IF NOT EXISTS appends_by_user ON events (user_id);  -- (user_id, rowid) order
+CREATE TABLE IF NOT EXISTS applied (  -- LogEvents request ids already committed
+  user_id TEXT NOT NULL,
+  request_id TEXT NOT NULL,
+  accepted INTEGER NOT NULL,
+  PRIMARY KEY (user_id, request_id)
+);
 CREATE TABLE IF NOT EXISTS versions (
   user_id TEXT PRIMARY KEY,
   n_events INTEGER NOT NULL          -- grows with every append: the cache key
@@ -103,9 +109,12 @@ class FeatureStore(Protocol):
         """Distinct ids of the user's items whose model index is ``n_items`` or more."""
         ...
 
-    def append(self, user_id: str, events: Iterable[EventRow]) -> int:
-        """Durably append; returns the number of events committed."""
+    def append(self, user_id: str, events: Iterable[EventRow], request_id: str = "") -> int:
+        """Durably append; returns the number of events committed. A retried call with
+        the same non-empty ``request_id`` commits nothing and returns the first count."""
         ...
+
+    def close(self) -> None: ...
 
 
 def _history(rows: list[tuple]) -> History:
@@ -193,7 +202,7 @@ class SQLiteFeatureStore:
         )
         return [r[0] for r in rows]
 
-    def append(self, user_id: str, events: Iterable[EventRow]) -> int:
+    def append(self, user_id: str, events: Iterable[EventRow], request_id: str = "") -> int:
         rows = [
             (
                 user_id,
@@ -210,6 +219,17 @@ class SQLiteFeatureStore:
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
+            if request_id:
+                done = conn.execute(
+                    "SELECT accepted FROM applied WHERE user_id=? AND request_id=?",
+                    (user_id, request_id),
+                ).fetchone()
+                if done is not None:  # a retry of a call that committed
+                    conn.execute("ROLLBACK")
+                    return int(done[0])
+                conn.execute(
+                    "INSERT INTO applied VALUES (?, ?, ?)", (user_id, request_id, len(rows))
+                )
             conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
             conn.execute(
                 "INSERT INTO versions VALUES (?, ?) "

@@ -45,15 +45,20 @@ class SlidingWindow:
         self._started = time.monotonic()
 
     def add(self, flops: float = 0.0) -> None:
+        now = time.monotonic()
         with self._lock:
-            self._events.append((time.monotonic(), flops))
+            self._events.append((now, flops))
+            self._prune(now)  # bounded even when nobody scrapes
+
+    def _prune(self, now: float) -> None:
+        while self._events and self._events[0][0] < now - self.seconds:
+            self._events.popleft()
 
     def rates(self) -> tuple[float, float]:
         """(events/s, FLOP/s) over the window (or since start, if that is shorter)."""
         now = time.monotonic()
         with self._lock:
-            while self._events and self._events[0][0] < now - self.seconds:
-                self._events.popleft()
+            self._prune(now)
             n, flops = len(self._events), sum(f for _, f in self._events)
         span = min(self.seconds, max(now - self._started, 1e-3))
         return n / span, flops / span

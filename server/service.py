@@ -131,7 +131,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             [*request.exclude_item_ids, *(e.item_id for e in request.events)], dtype=str
         )
         static, version = await asyncio.to_thread(self._profile, user)
-        view = ctx.catalog.get()
+        view = await asyncio.to_thread(ctx.catalog.get)
         if static is None and version == 0 and not len(inline):
             return self._fallback(
                 view, "cold_start", np.zeros(0, np.int64), excluded, count, request.request_id
@@ -148,14 +148,16 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             return self._fallback(
                 view, "model_unavailable", seen, excluded, count, request.request_id
             )
-        recent_rows = view.rows_of(np.concatenate([excluded, self._recent_ids(pathways, view)]))
+        recent = np.concatenate([pathways["short_items"], pathways["pos_items"]]) - 1
+        avoid = np.concatenate([view.rows_of(excluded), view.rows_of_model(recent)])
         started = time.perf_counter()
         remaining = context.time_remaining()
-        timeout = DEFAULT_DEADLINE_S if remaining is None else remaining - 0.005
+        timeout = min(DEFAULT_DEADLINE_S, remaining - 0.005 if remaining else DEFAULT_DEADLINE_S)
         try:
             decoded = await ctx.model.recommend(
-                pathways, beam, beam, view.exclusion_sids(recent_rows), timeout
+                pathways, beam, beam, view.exclusion_sids(avoid), timeout
             )
+            answer = await asyncio.to_thread(ctx.catalog.get, decoded.catalog_version)
         except TritonUnavailable as e:
             log.warning("triton unavailable for %s: %s", user, e)
             return self._fallback(
@@ -164,51 +166,53 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         except TritonRejected as e:
             log.error("triton rejected a request the front end validated: %s", e)
             raise
+        except (OSError, ValueError) as e:  # the decoder's catalog version is unreadable
+            log.error("catalog for the decoder's answer unavailable: %s", e)
+            return self._fallback(
+                view, "model_unavailable", seen, excluded, count, request.request_id
+            )
         finally:
             m.stage.labels("triton").observe(time.perf_counter() - started)
         started = time.perf_counter()
-        answer = ctx.catalog.get(decoded.catalog_version)
         rows, scores, illegal = answer.rank(decoded.sids, decoded.scores, seen, excluded, count)
         if illegal:
             m.illegal.inc(illegal)
             log.error("%d decoded SIDs map to no item in catalog v%d", illegal, answer.version)
+        if answer.version != view.version:  # the decoder lags the live catalog: never
+            live = view.holds(answer.item_ids[rows])  # return what it has since removed
+            rows, scores = rows[live], scores[live]
+        ids, sids = answer.item_ids[rows], answer.sids[rows]
         if len(rows) < count:  # filtering ate beams: top up with popular unseen items
-            more = answer.popular(
-                seen, np.concatenate([excluded, answer.item_ids[rows]]), count - len(rows)
-            )
-            rows = np.concatenate([rows, more])
-            scores = np.concatenate([scores, np.full(len(more), -np.inf, np.float32)])
+            fill = view.popular(seen, np.concatenate([excluded, ids]), count - len(rows))
+            ids = np.concatenate([ids, view.item_ids[fill]])
+            sids = np.concatenate([sids, view.sids[fill]])
+            scores = np.concatenate([scores, np.full(len(fill), -np.inf, np.float32)])
         m.stage.labels("catalog").observe(time.perf_counter() - started)
         flops = flops_per_request(ctx.cfg, beam, len(pathways["life_items"]))
         m.flops.inc(flops)
         m.window.add(flops)
-        return self._response(answer, rows, scores, "", request.request_id)
+        return self._response(ids, scores, sids, view.version, "", request.request_id)
 
     def _profile(self, user: str) -> tuple[np.ndarray | None, int]:
         return self.ctx.store.static(user), self.ctx.store.version(user)
-
-    @staticmethod
-    def _recent_ids(pathways: dict[str, np.ndarray], view: CatalogView) -> np.ndarray:
-        """Ids of the short-term and positive items (model index + 1 in the pathways)."""
-        idx = np.concatenate([pathways["short_items"], pathways["pos_items"]]) - 1
-        known = np.isin(view.model_idx, idx[idx >= 0])
-        return view.item_ids[known]
 
     def _fallback(self, view: CatalogView, reason: str, seen, excluded, count, request_id):
         self.ctx.metrics.fallback.labels(reason).inc()
         self.ctx.metrics.window.add(0.0)
         rows = view.popular(seen, excluded, count)
         scores = np.log1p(np.arange(len(rows), 0, -1, dtype=np.float32))  # rank-based
-        return self._response(view, rows, scores, reason, request_id)
+        return self._response(
+            view.item_ids[rows], scores, view.sids[rows], view.version, reason, request_id
+        )
 
-    def _response(self, view, rows, scores, degraded: str, request_id: str):
+    def _response(self, ids, scores, sids, version: int, degraded: str, request_id: str):
         items = [
             pb.RecommendedItem(item_id=str(item), score=float(score), semantic_id=sid.tolist())
-            for item, score, sid in zip(view.item_ids[rows], scores, view.sids[rows], strict=True)
+            for item, score, sid in zip(ids, scores, sids, strict=True)
         ]
         return pb.RecommendResponse(
             items=items,
-            model_version=f"{self.ctx.model_name}:catalog-v{view.version}",
+            model_version=f"{self.ctx.model_name}:catalog-v{version}",
             degraded=degraded,
             request_id=request_id,
         )
@@ -233,5 +237,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             )
             for i, e in enumerate(ids)
         ]
-        accepted = await asyncio.to_thread(ctx.store.append, request.user_id, rows)
+        accepted = await asyncio.to_thread(
+            ctx.store.append, request.user_id, rows, request.request_id
+        )
         return pb.LogEventsResponse(accepted=accepted)

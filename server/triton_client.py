@@ -130,18 +130,19 @@ class TritonModel:
                 ensemble_inputs(pathways, beam_width, count, exclude_sids),
                 outputs=requested_outputs(),
                 client_timeout=timeout_s,
+                timeout=int(timeout_s * 1e6),  # Triton drops it from its queue past this
+            )
+            return Decoded(
+                result.as_numpy("sids")[0],
+                result.as_numpy("scores")[0],
+                int(result.as_numpy("catalog_version")[0, 0]),
             )
         except InferenceServerException as e:
             if "INVALID_ARG" in str(e.status()):
                 raise TritonRejected(e.message()) from e
             raise TritonUnavailable(f"{e.status()}: {e.message()}") from e
-        except Exception as e:  # channel errors surface as grpc/OS errors
-            raise TritonUnavailable(str(e)) from e
-        return Decoded(
-            result.as_numpy("sids")[0],
-            result.as_numpy("scores")[0],
-            int(result.as_numpy("catalog_version")[0, 0]),
-        )
+        except Exception as e:  # channel errors, or a reply without the outputs
+            raise TritonUnavailable(f"{type(e).__name__}: {e}") from e
 
     async def probe(self, cfg: OneRecConfig, timeout_s: float = 5.0) -> bool:
         """One real beam-1 inference: True only if it returned a SID."""

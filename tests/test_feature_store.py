@@ -101,6 +101,15 @@ def test_appends_join_short_term_and_seen_and_refresh_the_lifelong_cache(
     assert len(with_inline["short_items"]) == CFG.short_len
 
 
+def test_a_retried_request_id_is_committed_once(tmp_path) -> None:
+    store = SQLiteFeatureStore(tmp_path / "retry.sqlite")
+    events = [_row(1, 10), _row(2, 11)]
+    assert store.append("u", events, request_id="r1") == 2
+    assert store.append("u", events, request_id="r1") == 2  # the retry
+    assert store.append("u", events[:1], request_id="r2") == 1
+    assert store.version("u") == 3 and store.history("u").items.tolist() == [1, 1, 2]
+
+
 def test_an_acknowledged_append_survives_kill_9(tmp_path) -> None:
     path = tmp_path / "crash.sqlite"
     SQLiteFeatureStore(path).close()

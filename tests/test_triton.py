@@ -169,12 +169,15 @@ def test_catalog_update_takes_effect_without_restart(served) -> None:
     )
     version = catalog.publish(catalog_dir(repo), updated, cfg.codebook_size)
     assert version == live.version + 1
-    for pathways in _pathways(served, range(0, 40, 4)):
-        sids, _, used = _infer(triton.grpc_url, pathways, 512, 512)
-        returned = {tuple(s) for s in sids if s[0] >= 0}
-        assert used == version
-        assert tuple(new_sid) in returned
-        assert not returned & removed_sids
+    try:
+        for pathways in _pathways(served, range(0, 40, 4)):
+            sids, _, used = _infer(triton.grpc_url, pathways, 512, 512)
+            returned = {tuple(s) for s in sids if s[0] >= 0}
+            assert used == version
+            assert tuple(new_sid) in returned
+            assert not returned & removed_sids
+    finally:  # other tests share this repository: put the original items back live
+        catalog.publish(catalog_dir(repo), items, cfg.codebook_size)
 
 
 @pytest.mark.parametrize(
@@ -199,9 +202,10 @@ def test_bad_tensors_get_a_clear_error_and_the_server_keeps_serving(served, chan
         inputs[name].set_data_from_numpy(array)
     with (
         grpcclient.InferenceServerClient(triton.grpc_url) as client,
-        pytest.raises(InferenceServerException, match=message),
+        pytest.raises(InferenceServerException, match=message) as err,
     ):
         client.infer(ENSEMBLE, list(inputs.values()), outputs=requested_outputs())
+    assert "INVALID_ARG" in str(err.value.status())  # the caller's fault, not an outage
     probe(triton.grpc_url, cfg)  # the stubs survived
 
 

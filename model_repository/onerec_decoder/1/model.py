@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from onerec.batching import check_decoder_request, decode_batch, run_valid
+from onerec.batching import RequestError, check_decoder_request, decode_batch, run_valid
 from onerec.catalog import TrieWatcher
 from onerec.onnx_model import OnnxDecoder
 
@@ -22,6 +22,13 @@ INPUTS = ("keep", "cross_kv", "beam_width", "count", "exclude_sids")
 
 def _param(params: dict, key: str, default: str) -> str:
     return params.get(key, {}).get("string_value", default)
+
+
+def _error(e: Exception) -> pb_utils.TritonError:
+    """A bad request is INVALID_ARGUMENT for the client; a failed batch stays INTERNAL."""
+    if isinstance(e, RequestError):
+        return pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
+    return pb_utils.TritonError(str(e))
 
 
 class TritonPythonModel:
@@ -46,7 +53,7 @@ class TritonPythonModel:
         responses = []
         for r in results:
             if isinstance(r, Exception):
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(r))))
+                responses.append(pb_utils.InferenceResponse(error=_error(r)))
                 continue
             version_tensor = np.full((len(r.sids), 1), version, np.int64)
             responses.append(

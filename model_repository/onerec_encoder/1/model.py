@@ -7,10 +7,17 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from onerec.batching import check_encoder_request, encode_batch, run_valid
+from onerec.batching import RequestError, check_encoder_request, encode_batch, run_valid
 from onerec.export import PATHWAY_INPUTS
 from onerec.model import OneRecConfig
 from onerec.onnx_model import OnnxEncoder
+
+
+def _error(e: Exception) -> pb_utils.TritonError:
+    """A bad request is INVALID_ARGUMENT for the client; a failed batch stays INTERNAL."""
+    if isinstance(e, RequestError):
+        return pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
+    return pb_utils.TritonError(str(e))
 
 
 class TritonPythonModel:
@@ -32,7 +39,7 @@ class TritonPythonModel:
             lambda batch: encode_batch(self.encoder, batch),
         )
         return [
-            pb_utils.InferenceResponse(error=pb_utils.TritonError(str(r)))
+            pb_utils.InferenceResponse(error=_error(r))
             if isinstance(r, Exception)
             else pb_utils.InferenceResponse(
                 [pb_utils.Tensor("keep", r[0]), pb_utils.Tensor("cross_kv", r[1])]
