@@ -304,6 +304,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.triton_launcher import TritonProcess
 
     logging.getLogger("server").setLevel(logging.INFO)
+    # Triton's own start-up chatter stays out of the way; its warnings and errors show.
+    logging.getLogger("server.triton_launcher.tritonserver").setLevel(logging.WARNING)
     s = Settings()
     for name in ("artifacts", "repository"):
         if getattr(args, name) is not None:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from pathlib import Path
 import tritonclient.http as httpclient
 
 log = logging.getLogger(__name__)
+triton_log = logging.getLogger(f"{__name__}.tritonserver")  # its own lines, by severity
 
 MODELS = ("onerec_encoder", "onerec_decoder", "onerec")
 
@@ -125,7 +127,7 @@ class TritonProcess:
         self.extra_args = extra_args or []
         self.log_verbose = log_verbose
         self.proc: subprocess.Popen[str] | None = None
-        self.lines: list[str] = []  # the log so far, for error messages and tests
+        self.lines: deque[str] = deque(maxlen=2000)  # the recent log, for error messages
         self._pump: threading.Thread | None = None
 
     @property
@@ -161,7 +163,8 @@ class TritonProcess:
         for line in self.proc.stdout:
             line = line.rstrip()
             self.lines.append(line)
-            log.info("triton: %s", line)
+            level = logging.WARNING if line[:1] in ("E", "W") else logging.INFO
+            triton_log.log(level, "%s", line)
 
     def wait_ready(self, timeout: float) -> None:
         """Server live and every model ready, then one real inference through ``probe``."""
@@ -170,7 +173,7 @@ class TritonProcess:
         try:
             while True:
                 if self.proc is not None and self.proc.poll() is not None:
-                    tail = "\n".join(self.lines[-30:])
+                    tail = "\n".join(list(self.lines)[-30:])
                     raise RuntimeError(f"tritonserver exited with {self.proc.returncode}:\n{tail}")
                 try:
                     if client.is_server_ready() and all(client.is_model_ready(m) for m in MODELS):
