@@ -27,6 +27,7 @@ import pandas as pd
 
 from onerec.data.schema import Dataset
 from onerec.embeddings import ItemEmbedder, item_embeddings
+from onerec.metrics import leave_last_out
 from onerec.tokenizer import SemanticTokenizer, TokenizerConfig, collision_ranks, collision_stats
 
 
@@ -61,17 +62,23 @@ class ItemSIDs:
 def tokenize_dataset(
     ds: Dataset, out: str | Path, config: TokenizerConfig | None = None, progress: bool = True
 ) -> dict[str, Any]:
-    """Fit embeddings and tokenizer on ``ds``, write the artefacts, return the statistics."""
+    """Fit embeddings and tokenizer on ``ds``, write the artefacts, return the statistics.
+
+    The collaborative signal and the popularity that ranks collisions leave out each
+    user's held-out event (:func:`onerec.metrics.leave_last_out`): the model and its SIDs
+    must not encode the item evaluation asks for. Serving loses one event per user.
+    """
     cfg = config or TokenizerConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    embedder, embeddings = item_embeddings(
-        ds.item_content, ds.user_index(), ds.item_index(), seed=cfg.seed
-    )
+    fit = np.ones(len(ds.events), bool)
+    fit[leave_last_out(ds).history_end] = False  # the held-out rows
+    users, items = ds.user_index()[fit], ds.item_index()[fit]
+    embedder, embeddings = item_embeddings(ds.item_content, users, items, seed=cfg.seed)
     embed_s = time.perf_counter() - started
     tokenizer, codes, stats = SemanticTokenizer.fit(embeddings, cfg, progress=progress)
-    popularity = np.bincount(ds.item_index(), minlength=ds.n_items)
+    popularity = np.bincount(items, minlength=ds.n_items)
     sids = ItemSIDs(
         ds.items["item_id"].astype(str).to_numpy(),
         codes,

@@ -105,3 +105,31 @@ def test_full_build_fills_a_model_repository(tmp_path) -> None:
     assert {"n1", "n2"} <= set(latest.items.item_ids)
     assert latest.trie.contains(latest.items.codes).all()
     assert main(["catalog", "remove", "no-such-item", "--repository", str(repo)]) == 2
+
+
+def test_semantic_ids_never_see_the_held_out_events(tmp_path) -> None:
+    """The embeddings and collision popularity must not encode the items that evaluation
+    holds out: rewriting every user's last event leaves the tokenizer's output unchanged,
+    while rewriting any earlier event does change it."""
+    from dataclasses import replace
+
+    from onerec.data.synthetic import SyntheticConfig, generate
+    from onerec.metrics import leave_last_out
+    from onerec.semantic_ids import tokenize_dataset
+    from onerec.tokenizer import TokenizerConfig
+
+    ds = generate(SyntheticConfig(n_users=40, n_items=300, max_history=400))
+    cfg = TokenizerConfig(codebook_size=8)
+
+    def tokenized(rows: np.ndarray, name: str) -> np.ndarray:
+        codes = ds.item_index().copy()
+        codes[rows] = (codes[rows] + 1) % ds.n_items
+        events = ds.events.copy()
+        events["item_id"] = pd.Categorical.from_codes(codes, ds.events["item_id"].cat.categories)
+        tokenize_dataset(replace(ds, events=events), tmp_path / name, cfg, progress=False)
+        return np.load(tmp_path / name / "item_embeddings.npy")
+
+    held_out = leave_last_out(ds).history_end
+    base = tokenized(held_out[:0], "base")
+    np.testing.assert_array_equal(tokenized(held_out, "held_out"), base)
+    assert not np.array_equal(tokenized(held_out - 1, "history"), base)
