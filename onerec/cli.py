@@ -434,7 +434,8 @@ def cmd_bench_triton(args: argparse.Namespace) -> int:
         process = TritonProcess(args.repository, probe=lambda url: probe(url, cfg)).start()
     url = args.url or process.grpc_url
     table = Table(title=f"Triton ensemble `onerec`, {args.requests} requests per row")
-    for col in ("beam", "clients", "QPS", "p50 ms", "p99 ms", "batch enc", "batch dec"):
+    cols = ("beam", "clients", "QPS", "p50 ms", "p99 ms", "batch enc", "batch dec", "errors")
+    for col in cols:
         table.add_column(col, justify="right")
     try:
         for beam in args.beams:
@@ -448,6 +449,7 @@ def cmd_bench_triton(args: argparse.Namespace) -> int:
                     f"{row.p99_ms:.1f}",
                     f"{row.mean_batch['onerec_encoder']:.2f}",
                     f"{row.mean_batch['onerec_decoder']:.2f}",
+                    str(row.errors),
                 )
     finally:
         if process is not None:

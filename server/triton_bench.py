@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from server.triton_client import ENSEMBLE, ensemble_inputs, requested_outputs
 
@@ -29,6 +30,7 @@ class BenchRow:
     p50_ms: float
     p99_ms: float
     mean_batch: dict[str, float]
+    errors: int  # failed requests: left out of the latencies and the QPS
 
 
 def _counts(client: grpcclient.InferenceServerClient) -> dict[str, tuple[int, int]]:
@@ -50,6 +52,7 @@ def run(
     """Send ``requests`` requests (cycling through ``pathways``) with ``concurrency`` threads."""
     inputs = [ensemble_inputs(p, beam_width, min(count, beam_width)) for p in pathways]
     latencies: list[float] = []
+    errors: list[str] = []
     lock = threading.Lock()
     next_index = iter(range(requests))
 
@@ -61,7 +64,12 @@ def run(
                 if i is None:
                     return
                 started = time.perf_counter()
-                client.infer(ENSEMBLE, inputs[i % len(inputs)], outputs=requested_outputs())
+                try:
+                    client.infer(ENSEMBLE, inputs[i % len(inputs)], outputs=requested_outputs())
+                except InferenceServerException as e:
+                    with lock:
+                        errors.append(str(e))
+                    continue
                 elapsed = time.perf_counter() - started
                 with lock:
                     latencies.append(elapsed)
@@ -78,13 +86,16 @@ def run(
         wall = time.perf_counter() - started
         after = _counts(client)
     batch = {m: (after[m][0] - before[m][0]) / max(1, after[m][1] - before[m][1]) for m in MODELS}
+    if not latencies:
+        raise RuntimeError(f"every request failed, e.g. {errors[0]}")
     ms = np.array(latencies) * 1000
     return BenchRow(
         beam_width,
         concurrency,
         requests,
-        requests / wall,
+        len(latencies) / wall,
         float(np.percentile(ms, 50)),
         float(np.percentile(ms, 99)),
         batch,
+        len(errors),
     )
