@@ -463,8 +463,17 @@ def _attention(nq: int, nk: int, d: int) -> int:
     return 2 * 2 * nq * nk * d  # scores and weighted sum
 
 
-def flops_per_request(cfg: OneRecConfig, beam_width: int, lifelong_items: int | None = None) -> int:
+def flops_per_request(
+    cfg: OneRecConfig,
+    beam_width: int,
+    lifelong_items: int | None = None,
+    short_items: int | None = None,
+    positive_items: int | None = None,
+) -> int:
     """Matmul FLOPs of one request: the encoder once, then each SID level for ``beam_width`` beams.
+
+    Pathway lengths default to the config's maxima; a server passes the request's own,
+    since a light user's encoder runs on far fewer tokens (padding is not useful work).
 
     Counts what the implementation executes (no KV cache in self-attention: step ``t``
     recomputes ``t + 1`` positions; cross-attention K/V once per request; the first level
@@ -473,9 +482,11 @@ def flops_per_request(cfg: OneRecConfig, beam_width: int, lifelong_items: int | 
     """
     d, ff = cfg.d_model, cfg.d_ff
     n_life = cfg.lifelong_len if lifelong_items is None else lifelong_items
-    t_enc = cfg.encoder_len
+    n_short = cfg.short_len if short_items is None else short_items
+    n_pos = cfg.positive_len if positive_items is None else positive_items
+    n_events = n_short + n_pos
+    t_enc = cfg.n_static_tokens + n_events + cfg.n_queries
     f = _linear(1, max(1, len(cfg.static_cardinalities)) * d, cfg.n_static_tokens * d)
-    n_events = cfg.short_len + cfg.positive_len
     f += _linear(n_events + n_life, cfg.item_vector_dim, d)  # item vector projection
     f += _linear(n_events, N_FLAGS, d)
     q = cfg.n_queries
@@ -509,14 +520,3 @@ def flops_per_request(cfg: OneRecConfig, beam_width: int, lifelong_items: int | 
         f += cfg.decoder_layers * per_layer
         f += _linear(beams, d, cfg.codebook_size)
     return int(f)
-
-
-def estimate_mfu(
-    cfg: OneRecConfig, beam_width: int, requests_per_second: float, peak_flops: float
-) -> float:
-    """Model FLOPs utilisation: achieved FLOP rate over the machine's peak."""
-    return (
-        flops_per_request(cfg, beam_width) * requests_per_second / peak_flops
-        if peak_flops > 0
-        else math.nan
-    )

@@ -21,13 +21,21 @@ def _model(cfg: OneRecConfig, seed: int = 0) -> OneRec:
     ).eval()
 
 
-def _inputs(cfg: OneRecConfig, b: int, life: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def _inputs(
+    cfg: OneRecConfig,
+    b: int,
+    life: int,
+    seed: int = 0,
+    short: int | None = None,
+    positive: int | None = None,
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
 
     def ints(high: int, *shape: int) -> torch.Tensor:
         return torch.randint(1, high, shape, generator=g)
 
-    s, p = cfg.short_len, cfg.positive_len
+    s = cfg.short_len if short is None else short
+    p = cfg.positive_len if positive is None else positive
     return {
         "static": torch.stack(
             [torch.randint(0, c, (b,), generator=g) for c in cfg.static_cardinalities], 1
@@ -62,9 +70,11 @@ SMALL = OneRecConfig(
 )
 
 
-def _request_flops(model: OneRec, cfg: OneRecConfig, beam: int, life: int) -> int:
+def _request_flops(
+    model: OneRec, cfg: OneRecConfig, beam: int, life: int, short: int | None = None, positive=None
+) -> int:
     """What serving executes for one request: encoder once, cross K/V once, L decode steps."""
-    inputs = _inputs(cfg, 1, life)
+    inputs = _inputs(cfg, 1, life, short=short, positive=positive)
     model.requires_grad_(False)  # the counter's module tracker trips over leaf parameters
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         memory, keep = model.encoder(**inputs)
@@ -81,6 +91,16 @@ def test_flops_match_the_flop_counter_small(beam: int) -> None:
     model = _model(SMALL)
     measured = _request_flops(model, SMALL, beam, SMALL.lifelong_len)
     assert abs(flops_per_request(SMALL, beam) - measured) / measured < 0.10
+
+
+def test_flops_follow_a_light_users_own_pathway_lengths() -> None:
+    """A user with 5 recent and 17 positive events runs a much shorter encoder: MFU must
+    count that, not the config's maxima."""
+    model = _model(SMALL)
+    measured = _request_flops(model, SMALL, 16, 40, short=5, positive=17)
+    predicted = flops_per_request(SMALL, 16, 40, short_items=5, positive_items=17)
+    assert abs(predicted - measured) / measured < 0.10
+    assert predicted < 0.8 * flops_per_request(SMALL, 16, 40)
 
 
 def test_flops_match_the_flop_counter_default_sizes() -> None:
