@@ -160,12 +160,12 @@ def _build_model(out: Path, args: argparse.Namespace) -> None:
         args.decoder_instances,
     )
     console.print(f"model repository {args.repository}: ONNX written, catalog v{version} live")
+    from server.feature_store import load_dataset, stored_users
+
     store = out / "features.sqlite"
-    if store.is_file() and not args.force:
+    if stored_users(store) and not args.force:
         console.print(f"reusing feature store {store}")
     else:
-        from server.feature_store import load_dataset
-
         for path in (store, Path(f"{store}-wal"), Path(f"{store}-shm")):  # a stale WAL
             path.unlink(missing_ok=True)  # would be replayed into the new file
         started = time.perf_counter()

@@ -289,3 +289,13 @@ def load_dataset(ds: Dataset, path: str | Path) -> SQLiteFeatureStore:
     store.close()
     tmp.rename(path)
     return SQLiteFeatureStore(path)
+
+
+def stored_users(path: str | Path) -> int:
+    """Profiles in the store at ``path``; 0 for a missing, empty or foreign file, which a
+    build must replace rather than serve from."""
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            return int(conn.execute("SELECT count(*) FROM users").fetchone()[0])
+    except sqlite3.Error:
+        return 0

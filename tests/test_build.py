@@ -13,6 +13,7 @@ from onerec import catalog
 from onerec.cli import main
 from onerec.data.schema import Dataset
 from onerec.semantic_ids import load_item_sids, tokenize_new_items
+from server.feature_store import stored_users
 
 TINY = ["--users", "60", "--items", "400", "--max-history", "1500", "--codebook-size", "16"]
 
@@ -89,8 +90,10 @@ def test_full_build_fills_a_model_repository(tmp_path) -> None:
     assert "count: 2 kind: KIND_CPU" in (repo / "onerec_decoder" / "config.pbtxt").read_text()
     catalog_dir = repo / "onerec_decoder" / "catalog"
     assert (catalog_dir / "CURRENT").read_text().strip() == "1"
+    (out / "features.sqlite").write_bytes(b"")  # a stray empty file is rebuilt, not served
     assert main([*build, *small]) == 0  # a rebuild publishes the next catalog version
     assert (catalog_dir / "CURRENT").read_text().strip() == "2"
+    assert stored_users(out / "features.sqlite") == 30
 
     # Catalog changes publish new versions; a removed item leaves the live table.
     live = catalog.load(catalog_dir)
