@@ -298,10 +298,12 @@ def cmd_triton(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """The front end, with a local Triton unless --triton-url names a running one."""
     import asyncio
+    from dataclasses import replace
 
     from server.app import Settings, serve
     from server.triton_client import probe, repository_config
     from server.triton_launcher import TritonProcess
+    from server.validation import MAX_BEAM_WIDTH
 
     logging.getLogger("server").setLevel(logging.INFO)
     # Triton's own start-up chatter stays out of the way; its warnings and errors show.
@@ -320,9 +322,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "tls_cert",
         "tls_key",
         "peak_flops",
+        "drain_s",
+        "grace_s",
     ):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
+    if args.max_count is not None:
+        s.limits = replace(s.limits, max_count=args.max_count)
+    if not 1 <= s.limits.max_count <= MAX_BEAM_WIDTH:
+        console.print(f"[red]--max-count must be in 1..{MAX_BEAM_WIDTH}[/]")
+        return 2
     triton = None
     if args.triton_url is None and not os.environ.get("ONEREC_TRITON_URL"):
         cfg = repository_config(s.repository)
@@ -604,6 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key enables TLS")
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (default: measured)")
+    p.add_argument("--max-count", type=int, help="most items per Recommend (default 100)")
+    p.add_argument("--drain-s", type=float, help="NOT_SERVING this long before stopping (0)")
+    p.add_argument("--grace-s", type=float, help="in-flight calls' time to finish (10)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("recommend", help="ask a running front end, print a table")

@@ -10,7 +10,8 @@ Triton succeeds: a loop probes every ``probe_interval_s`` and flips both that st
 the service's ``model_ready`` (which routes requests to the popularity fallback while
 Triton is away, and back when it returns). The overall status ``""`` says the process is
 alive (Kubernetes' liveness probe), so a Triton outage drains traffic via readiness but
-never restarts healthy front ends. SIGTERM sets NOT_SERVING, lets in-flight calls finish within
+never restarts healthy front ends. SIGTERM sets every status NOT_SERVING, keeps answering
+for ``drain_s`` (so load balancers stop sending first), lets in-flight calls finish within
 ``grace_s``, then exits.
 """
 
@@ -77,8 +78,11 @@ class Settings:
     probe_interval_s: float = field(
         default_factory=lambda: float(_env("ONEREC_PROBE_INTERVAL_S", "2.0"))
     )
-    grace_s: float = 10.0
-    limits: Limits = field(default_factory=Limits)
+    drain_s: float = field(default_factory=lambda: float(_env("ONEREC_DRAIN_S", "0")))
+    grace_s: float = field(default_factory=lambda: float(_env("ONEREC_GRACE_S", "10")))
+    limits: Limits = field(
+        default_factory=lambda: Limits(max_count=int(_env("ONEREC_MAX_COUNT", "100")))
+    )
 
     def store_path(self) -> Path:
         return Path(self.feature_store or self.artifacts / "features.sqlite")
@@ -235,6 +239,9 @@ class FrontEnd:
         if self._probe_task is not None:
             self._probe_task.cancel()
         await self.health.enter_graceful_shutdown()
+        if self.s.drain_s > 0:  # still answering while load balancers notice NOT_SERVING
+            log.info("draining for %.1fs", self.s.drain_s)
+            await asyncio.sleep(self.s.drain_s)
         await self.server.stop(self.s.grace_s)
         await self.model.close()
         self.metrics.close()

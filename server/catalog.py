@@ -128,20 +128,30 @@ class CatalogReader:
         self.keep = keep
         self._views: OrderedDict[int, CatalogView] = OrderedDict()
         self._lock = threading.Lock()
+        self._build_lock = threading.Lock()  # one build per new version, not one per caller
 
     def get(self, version: int | None = None) -> CatalogView:
         """The named version, or the live one; loaded once and kept while recent."""
         if version is None:
             version = catalog.current_version(self.directory)
+        view = self._cached(version)
+        if view is not None:
+            return view
+        with self._build_lock:
+            view = self._cached(version)  # built while we waited
+            if view is not None:
+                return view
+            view = CatalogView.build(catalog.load(self.directory, version), self.model_items)
+            log.info("catalog v%d loaded: %d items", version, len(view.item_ids))
+            with self._lock:
+                self._views[version] = view
+                while len(self._views) > self.keep:
+                    self._views.popitem(last=False)
+        return view
+
+    def _cached(self, version: int) -> CatalogView | None:
         with self._lock:
             view = self._views.get(version)
             if view is not None:
                 self._views.move_to_end(version)
-                return view
-        view = CatalogView.build(catalog.load(self.directory, version), self.model_items)
-        log.info("catalog v%d loaded: %d items", version, len(view.item_ids))
-        with self._lock:
-            self._views[version] = view
-            while len(self._views) > self.keep:
-                self._views.popitem(last=False)
-        return view
+            return view

@@ -78,8 +78,9 @@ class Built:
     pathways: dict[str, np.ndarray]
     seen: np.ndarray  # model indices of the history and the inline events
     seen_new: np.ndarray  # ids of seen items the model never saw
-    features_s: float
-    lifelong_s: float  # 0 when the compression came from the cache
+    features_s: float  # the short-term and positive reads
+    lifelong_s: float  # the lifelong step: a cache lookup, or a fresh compression
+    compressed: bool  # False when the compression came from the cache
     history_len: int
 
 
@@ -112,8 +113,8 @@ class PathwayBuilder:
         allowed = max(self.refresh_events, int(self.refresh_fraction * hit.history_len))
         return 0 <= version - hit.compressed_at <= allowed
 
-    def lifelong(self, user_id: str) -> tuple[Lifelong, float]:
-        """The user's compression (cached or new) and the seconds a new one cost.
+    def lifelong(self, user_id: str) -> tuple[Lifelong, bool]:
+        """The user's compression (cached or new) and whether it was computed now.
 
         The seen-item sets are always exact: new events since the cached version are
         read (the last few rows) and added, even when the compression is reused.
@@ -121,22 +122,21 @@ class PathwayBuilder:
         version = self.store.version(user_id)
         with self._lock:
             hit = self._cache.get(user_id)
+        compressed = False
         if hit is not None and hit.version == version:
-            life, elapsed = hit, 0.0
+            life = hit
         elif hit is not None and self._fresh_enough(hit, version):
             new, mark = self.store.items_after(user_id, hit.mark)
-            life, elapsed = self._with_seen(hit, user_id, version, new, mark), 0.0
+            life = self._with_seen(hit, user_id, version, new, mark)
         else:
-            started = time.perf_counter()
-            life = self._compress(user_id, version)
-            elapsed = time.perf_counter() - started
+            life, compressed = self._compress(user_id, version), True
         with self._lock:  # LRU bounded by bytes: heavy users' entries are much bigger
             old = self._cache.pop(user_id, None)
             self._bytes += life.nbytes - (old.nbytes if old is not None else 0)
             self._cache[user_id] = life
             while self._bytes > self.cache_bytes and len(self._cache) > 1:
                 self._bytes -= self._cache.popitem(last=False)[1].nbytes
-        return life, elapsed
+        return life, compressed
 
     def _with_seen(
         self, hit: Lifelong, user_id: str, version: int, new: np.ndarray, mark: int
@@ -193,7 +193,8 @@ class PathwayBuilder:
             positive = _take(concat(positive, inline_pos), slice(-cfg.positive_len, None))
             inline_seen = inline.items
         features_s = time.perf_counter() - started
-        life, lifelong_s = self.lifelong(user_id)
+        life, compressed = self.lifelong(user_id)
+        lifelong_s = time.perf_counter() - started - features_s
         pathways = {
             "static": np.asarray(static, np.int64),
             **_tokens(short, now_ms, "short"),
@@ -203,4 +204,6 @@ class PathwayBuilder:
             "life_weight": life.weight.astype(np.int64),
         }
         seen = np.concatenate([life.seen, inline_seen])
-        return Built(pathways, seen, life.seen_new, features_s, lifelong_s, life.history_len)
+        return Built(
+            pathways, seen, life.seen_new, features_s, lifelong_s, compressed, life.history_len
+        )

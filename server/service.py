@@ -33,7 +33,7 @@ from onerec.v1 import recommender_pb2_grpc as pb_grpc
 from server.catalog import CatalogReader, CatalogView
 from server.feature_store import EventRow, FeatureStore
 from server.metrics import Metrics
-from server.pathway_builder import PathwayBuilder
+from server.pathway_builder import Built, PathwayBuilder
 from server.triton_client import TritonModel, TritonRejected, TritonUnavailable
 from server.validation import (
     Invalid,
@@ -45,7 +45,8 @@ from server.validation import (
 )
 
 log = logging.getLogger(__name__)
-DEFAULT_DEADLINE_S = 2.0  # Triton's budget when the caller set no deadline
+DEFAULT_DEADLINE_S = 2.0  # Triton's budget when the caller set no deadline (and its cap)
+MIN_RESERVE_S, MAX_RESERVE_S = 0.01, 0.05  # kept back from Triton to answer by the deadline
 
 
 @dataclass
@@ -66,7 +67,34 @@ class Context:
 
 
 class Unavailable(Exception):
-    pass
+    """Nothing can answer (no readable live catalog, not even for a fallback)."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A Recommend's inputs to the model, read off the event loop."""
+
+    view: CatalogView  # the live catalog when the request arrived
+    built: Built | None  # None: a user with no profile and no events (cold start)
+    seen: np.ndarray  # model indices the user has seen
+    excluded: np.ndarray  # ids never to return: requested, inline, unknown to the model
+    exclude_sids: np.ndarray | None  # SIDs the decoder must not return
+
+
+def triton_budget(remaining: float | None) -> float:
+    """Seconds Triton may take: the caller's deadline less a reserve for the fallback and
+    the catalog step, capped; 0 or less means no time (the fallback answers at once).
+    grpc reports an expired deadline as 0 remaining and no deadline as None."""
+    if remaining is None:
+        return DEFAULT_DEADLINE_S
+    reserve = min(MAX_RESERVE_S, max(MIN_RESERVE_S, 0.1 * remaining))
+    return min(DEFAULT_DEADLINE_S, remaining - reserve)
+
+
+def below(scores: np.ndarray, n: int) -> np.ndarray:
+    """``n`` finite scores ranked under ``scores`` (JSON has no -inf): for top-up items."""
+    floor = float(scores.min()) if len(scores) else 0.0
+    return (floor - 1.0 - np.arange(n)).astype(np.float32)
 
 
 class RecommenderService(pb_grpc.RecommenderServicer):
@@ -125,55 +153,74 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         ctx, m = self.ctx, self.ctx.metrics
         now_ms = int(time.time() * 1000)
         count, beam = check_recommend(request, ctx.limits, now_ms)
-        user = request.user_id
         inline = inline_history(request.events, ctx.item_index, ctx.durations)
         excluded = np.array(
             [*request.exclude_item_ids, *(e.item_id for e in request.events)], dtype=str
         )
-        static, version = await asyncio.to_thread(self._profile, user)
-        view = await asyncio.to_thread(ctx.catalog.get)
-        if static is None and version == 0 and not len(inline):
-            return self._fallback(
-                view, "cold_start", np.zeros(0, np.int64), excluded, count, request.request_id
-            )
-        if static is None:  # a user known only by events they logged: default profile
-            static = np.zeros(len(ctx.cfg.static_cardinalities), np.int64)
-        built = await asyncio.to_thread(ctx.builder.build, user, now_ms, static, inline)
-        pathways, seen = built.pathways, built.seen
-        excluded = np.concatenate([excluded, built.seen_new])
-        m.stage.labels("features").observe(built.features_s)
-        if built.lifelong_s:
-            m.stage.labels("lifelong").observe(built.lifelong_s)
-        if not self.model_ready:
-            return self._fallback(
-                view, "model_unavailable", seen, excluded, count, request.request_id
-            )
-        recent = np.concatenate([pathways["short_items"], pathways["pos_items"]]) - 1
-        avoid = np.concatenate([view.rows_of(excluded), view.rows_of_model(recent)])
+        # One worker-thread hop for all the blocking reads before the model.
+        prep = await asyncio.to_thread(self._prepare, request.user_id, now_ms, inline, excluded)
+        if prep.built is None or not self.model_ready:
+            reason = "cold_start" if prep.built is None else "model_unavailable"
+            return await self._fallback(prep, reason, count, request.request_id)
+        pathways = prep.built.pathways
         started = time.perf_counter()
-        remaining = context.time_remaining()
-        timeout = min(DEFAULT_DEADLINE_S, remaining - 0.005 if remaining else DEFAULT_DEADLINE_S)
         try:
             decoded = await ctx.model.recommend(
-                pathways, beam, beam, view.exclusion_sids(avoid), timeout
+                pathways, beam, beam, prep.exclude_sids, triton_budget(context.time_remaining())
             )
-            answer = await asyncio.to_thread(ctx.catalog.get, decoded.catalog_version)
         except TritonUnavailable as e:
-            log.warning("triton unavailable for %s: %s", user, e)
-            return self._fallback(
-                view, "model_unavailable", seen, excluded, count, request.request_id
-            )
+            log.warning("triton unavailable for %s: %s", request.user_id, e)
+            return await self._fallback(prep, "model_unavailable", count, request.request_id)
         except TritonRejected as e:
             log.error("triton rejected a request the front end validated: %s", e)
             raise
-        except (OSError, ValueError) as e:  # the decoder's catalog version is unreadable
-            log.error("catalog for the decoder's answer unavailable: %s", e)
-            return self._fallback(
-                view, "model_unavailable", seen, excluded, count, request.request_id
-            )
         finally:
             m.stage.labels("triton").observe(time.perf_counter() - started)
+        try:
+            ids, scores, sids = await asyncio.to_thread(self._map, prep, decoded, count)
+        except (OSError, ValueError) as e:  # the decoder's catalog version is unreadable
+            log.error("catalog v%d unavailable: %s", decoded.catalog_version, e)
+            return await self._fallback(prep, "model_unavailable", count, request.request_id)
+        flops = flops_per_request(
+            ctx.cfg,
+            beam,
+            len(pathways["life_items"]),
+            len(pathways["short_items"]),
+            len(pathways["pos_items"]),
+        )
+        m.flops.inc(flops)
+        m.window.add(flops)
+        return self._response(ids, scores, sids, prep.view.version, "", request.request_id)
+
+    def _prepare(self, user: str, now_ms: int, inline, excluded: np.ndarray) -> Prepared:
+        """Profile, the live catalog and the four pathways (blocking: a worker thread)."""
+        ctx, m = self.ctx, self.ctx.metrics
         started = time.perf_counter()
+        static, version = ctx.store.static(user), ctx.store.version(user)
+        try:
+            view = ctx.catalog.get()
+        except (OSError, ValueError) as e:
+            raise Unavailable(f"no live catalog: {e}") from e
+        if static is None and version == 0 and not len(inline):
+            return Prepared(view, None, np.zeros(0, np.int64), excluded, None)
+        if static is None:  # a user known only by events they logged: default profile
+            static = np.zeros(len(ctx.cfg.static_cardinalities), np.int64)
+        profile_s = time.perf_counter() - started
+        built = ctx.builder.build(user, now_ms, static, inline)
+        m.stage.labels("features").observe(profile_s + built.features_s)
+        m.stage.labels("lifelong").observe(built.lifelong_s)
+        excluded = np.concatenate([excluded, built.seen_new])
+        recent = np.concatenate([built.pathways["short_items"], built.pathways["pos_items"]]) - 1
+        avoid = np.concatenate([view.rows_of(excluded), view.rows_of_model(recent)])
+        return Prepared(view, built, built.seen, excluded, view.exclusion_sids(avoid))
+
+    def _map(self, prep: Prepared, decoded, count: int):
+        """Decoded SIDs -> the answer's items, with the decoder's own catalog version;
+        topped up from popularity if filtering left fewer than ``count``."""
+        m, view = self.ctx.metrics, prep.view
+        started = time.perf_counter()
+        answer = self.ctx.catalog.get(decoded.catalog_version)
+        seen, excluded = prep.seen, prep.excluded
         rows, scores, illegal = answer.rank(decoded.sids, decoded.scores, seen, excluded, count)
         if illegal:
             m.illegal.inc(illegal)
@@ -186,20 +233,15 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             fill = view.popular(seen, np.concatenate([excluded, ids]), count - len(rows))
             ids = np.concatenate([ids, view.item_ids[fill]])
             sids = np.concatenate([sids, view.sids[fill]])
-            scores = np.concatenate([scores, np.full(len(fill), -np.inf, np.float32)])
+            scores = np.concatenate([scores, below(scores, len(fill))])
         m.stage.labels("catalog").observe(time.perf_counter() - started)
-        flops = flops_per_request(ctx.cfg, beam, len(pathways["life_items"]))
-        m.flops.inc(flops)
-        m.window.add(flops)
-        return self._response(ids, scores, sids, view.version, "", request.request_id)
+        return ids, scores, sids
 
-    def _profile(self, user: str) -> tuple[np.ndarray | None, int]:
-        return self.ctx.store.static(user), self.ctx.store.version(user)
-
-    def _fallback(self, view: CatalogView, reason: str, seen, excluded, count, request_id):
+    async def _fallback(self, prep: Prepared, reason: str, count: int, request_id: str):
         self.ctx.metrics.fallback.labels(reason).inc()
         self.ctx.metrics.window.add(0.0)
-        rows = view.popular(seen, excluded, count)
+        view = prep.view
+        rows = await asyncio.to_thread(view.popular, prep.seen, prep.excluded, count)
         scores = np.log1p(np.arange(len(rows), 0, -1, dtype=np.float32))  # rank-based
         return self._response(
             view.item_ids[rows], scores, view.sids[rows], view.version, reason, request_id

@@ -73,16 +73,20 @@ def check_recommend(request, limits: Limits, now_ms: int) -> tuple[int, int]:
         raise Invalid(f"exclude_item_ids: at most {limits.max_exclude} ids")
     for i, item in enumerate(request.exclude_item_ids):
         check_id(item, f"exclude_item_ids[{i}]")
-    if len(request.request_id) > MAX_ID_LEN:
-        raise Invalid(f"request_id: longer than {MAX_ID_LEN} characters")
+    check_request_id(request.request_id)
     return count, beam
 
 
 def check_log_events(request, limits: Limits, now_ms: int) -> None:
     check_id(request.user_id, "user_id")
     check_events(request.events, "events", limits.max_logged_events, now_ms, allow_empty=False)
-    if len(request.request_id) > MAX_ID_LEN:
-        raise Invalid(f"request_id: longer than {MAX_ID_LEN} characters")
+    check_request_id(request.request_id)
+
+
+def check_request_id(value: str) -> None:
+    """Optional, but when given it is an id like the others (it is echoed and logged)."""
+    if value:
+        check_id(value, "request_id")
 
 
 def event_flags(e) -> tuple[bool, ...]:

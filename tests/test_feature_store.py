@@ -57,9 +57,9 @@ def test_served_pathways_equal_the_trainers(data) -> None:
         assert set(built.pathways) == set(want)
         for name in want:
             np.testing.assert_array_equal(built.pathways[name], want[name], err_msg=name)
-        assert built.history_len == len(h) and built.lifelong_s > 0
+        assert built.history_len == len(h) and built.compressed and built.lifelong_s > 0
         np.testing.assert_array_equal(built.seen, np.unique(h.items))
-        assert builder.build(user_id, now, static[u]).lifelong_s == 0  # cached
+        assert not builder.build(user_id, now, static[u]).compressed  # cached
 
 
 def _row(item: int, ts: int, like: bool = False) -> EventRow:
@@ -82,7 +82,7 @@ def test_appends_join_short_term_and_seen_and_refresh_the_lifelong_cache(
     builder.build(user, last + 10, static)
     assert store.append(user, [_row(7, last + 1, like=True), _row(9, last + 2)]) == 2
     built = builder.build(user, last + 10, static)
-    assert (built.lifelong_s > 0) == (refresh_events == 0)  # recompressed, or reused
+    assert built.compressed == (refresh_events == 0)  # recompressed, or reused
     assert {7, 9} <= set(built.seen.tolist())  # exact either way
     store.append(user, [_row(33, 1)])  # logged late: older than everything stored
     assert 33 in builder.build(user, last + 10, static).seen

@@ -118,6 +118,7 @@ BAD_RECOMMEND = [
     ({"count": 50, "beam_width": 20}, "beam_width"),
     ({"exclude_item_ids": ["ok", ""]}, "exclude_item_ids[1]"),
     ({"request_id": "r" * 500}, "request_id"),
+    ({"request_id": "r\n1"}, "request_id"),
     ({"events": [pb.Event(item_id="x", timestamp_ms=4_000_000_000_000)]}, "events[0].timestamp_ms"),
     ({"events": [pb.Event(item_id="x", timestamp_ms=5)]}, "events[0].timestamp_ms"),
     ({"events": [pb.Event(item_id="", timestamp_ms=1_700_000_000_000)]}, "events[0].item_id"),
@@ -196,6 +197,41 @@ def test_generated_requests_get_an_answer_or_a_named_invalid_argument(front, req
     assert stub.Recommend(pb.RecommendRequest(user_id="never-seen-user")).items
 
 
+plausible_events = st.builds(
+    pb.Event,
+    item_id=texts,
+    timestamp_ms=st.one_of(
+        st.integers(-(2**63), 2**63 - 1), st.integers(1_600_000_000_000, 1_800_000_000_000)
+    ),
+    watch_ms=st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(0, 10**6)),
+    like=st.booleans(),
+    forward=st.booleans(),
+)
+log_requests = st.builds(
+    pb.LogEventsRequest,
+    user_id=texts,
+    events=st.lists(plausible_events, max_size=20),
+    request_id=texts,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(request=log_requests)
+def test_generated_log_events_are_stored_or_a_named_invalid_argument(front, request) -> None:
+    """LogEvents commits all of a call's events or none: a bad one names its field."""
+    _, stub = front
+    try:
+        reply = stub.LogEvents(request, timeout=30)
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
+        assert e.details().split(":")[0].split("[")[0] in KNOWN_FIELDS, e.details()
+    else:
+        assert reply.accepted in (0, len(request.events))  # 0: a retried request_id
+    assert stub.Recommend(pb.RecommendRequest(user_id="never-seen-user")).items
+
+
 def test_cli_client_prints_a_table(served, front, capsys) -> None:
     server, _ = front
     user = _user(served, 4)
@@ -248,8 +284,9 @@ def test_metrics_health_and_reflection(served, front) -> None:
 
 
 def test_triton_outage_falls_back_and_recovers(served, tmp_path) -> None:
-    """A Triton of its own: stopped mid-run, the front end answers from popularity and
-    reports NOT_SERVING; restarted on the same ports, the model answers again."""
+    """A Triton of its own: frozen (SIGSTOP), the front end still answers within the
+    caller's deadline, from popularity; stopped, it reports NOT_SERVING; restarted on the
+    same ports, the model answers again."""
     _, _, cfg, repo, _ = served
     ports = TritonPorts(*free_ports(3))
     triton = TritonProcess(repo, ports, probe=lambda url: probe(url, cfg)).start()
@@ -260,6 +297,14 @@ def test_triton_outage_falls_back_and_recovers(served, tmp_path) -> None:
     try:
         server.wait_health(SERVING, channel)
         assert stub.Recommend(pb.RecommendRequest(user_id=user)).degraded == ""
+        os.kill(triton.proc.pid, signal.SIGSTOP)  # slow past any deadline
+        try:
+            started = time.monotonic()
+            r = stub.Recommend(pb.RecommendRequest(user_id=user), timeout=1.0)
+            assert r.degraded == "model_unavailable" and len(r.items) == 10
+            assert time.monotonic() - started < 1.0
+        finally:
+            os.kill(triton.proc.pid, signal.SIGCONT)
         triton.stop()
         r = stub.Recommend(pb.RecommendRequest(user_id=user), timeout=5)
         assert r.degraded == "model_unavailable" and len(r.items) == 10
@@ -323,6 +368,8 @@ def test_tls_token_admission_and_graceful_shutdown(served, tls, tmp_path) -> Non
         str(tls / "token"),
         "--max-inflight",
         "2",
+        "--drain-s",
+        "2",
     )
     creds = grpc.ssl_channel_credentials((tls / "cert.pem").read_bytes())
     options = [("grpc.ssl_target_name_override", "localhost")]
@@ -365,7 +412,9 @@ def test_tls_token_admission_and_graceful_shutdown(served, tls, tmp_path) -> Non
         shed = _gauge(server.metrics(), "onerec_shed_total")
         assert shed == codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
 
-        # SIGTERM while a call is in flight: the call completes, then the process exits 0.
+        # SIGTERM while a call is in flight: health goes NOT_SERVING at once, calls are
+        # still answered while load balancers drain, the in-flight call completes, and
+        # the process exits 0.
         result: list = []
         for _ in range(50):
             call = threading.Thread(
@@ -377,6 +426,14 @@ def test_tls_token_admission_and_graceful_shutdown(served, tls, tmp_path) -> Non
             if call.is_alive():  # caught it inside the server
                 server.proc.send_signal(signal.SIGTERM)
                 call.join()
+                health_stub = health_pb2_grpc.HealthStub(channel)
+                for _ in range(50):
+                    status = health_stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                    if status == NOT_SERVING:
+                        break
+                    time.sleep(0.02)
+                assert status == NOT_SERVING
+                assert len(stub.Recommend(request, metadata=auth, timeout=5).items) == 10
                 break
             call.join()
         else:
