@@ -18,11 +18,13 @@ reachable and a removed one can never come back, without restarting anything.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,10 +71,34 @@ def load(directory: str | Path, version: int | None = None) -> CatalogVersion:
     return CatalogVersion(version, items, SIDTrie.load(vdir / "trie.npz"))
 
 
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """The catalog's writer lock (readers never take it): one publish at a time."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def publish(directory: str | Path, items: ItemSIDs, codebook_size: int) -> int:
     """Write ``items`` as the next version, make it live, return its number."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    with _locked(directory):
+        return _publish(directory, items, codebook_size)
+
+
+def update(directory: str | Path, change: Callable[[ItemSIDs], ItemSIDs]) -> tuple[int, ItemSIDs]:
+    """Publish ``change(live items)`` as the next version, reading and writing under the
+    writer lock, so that two concurrent edits both land instead of one undoing the other.
+    Whatever ``change`` raises leaves the catalog as it was."""
+    directory = Path(directory)
+    with _locked(directory):
+        live = load(directory)
+        items = change(live.items)
+        return _publish(directory, items, live.trie.codebook_size), items
+
+
+def _publish(directory: Path, items: ItemSIDs, codebook_size: int) -> int:
     if len(items.item_ids) == 0:
         raise ValueError("a catalog needs at least one item")
     if len(np.unique(items.item_ids)) != len(items.item_ids):
@@ -144,13 +170,17 @@ class TrieWatcher:
     def get(self) -> tuple[int, SIDTrie]:
         try:
             stamp = self._stat()
-            if stamp != self._stamp:
+        except OSError as e:
+            log.error("catalog unreadable, keeping v%d: %s", self.version, e)
+            return self.version, self.trie
+        if stamp != self._stamp:
+            self._stamp = stamp  # a broken version is tried once, not on every batch
+            try:
                 version = current_version(self.directory)
                 if version != self.version:
                     trie = SIDTrie.load(_version_dir(self.directory, version) / "trie.npz")
                     self.version, self.trie = version, trie
                     log.info("catalog v%d live: %d SIDs", version, len(trie))
-                self._stamp = stamp
-        except (OSError, ValueError) as e:
-            log.error("catalog reload failed, keeping v%d: %s", self.version, e)
+            except (OSError, ValueError) as e:
+                log.error("catalog reload failed, keeping v%d: %s", self.version, e)
         return self.version, self.trie

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -394,8 +395,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 def cmd_catalog(args: argparse.Namespace) -> int:
     """Show the live catalog, or publish a version with items added or removed."""
     directory = catalog_dir(args.repository)
-    live = catalog.load(directory)
     if args.catalog_command == "show":
+        live = catalog.load(directory)
         console.print(
             f"catalog v{live.version}: {len(live.items.item_ids):,} items, "
             f"{len(live.trie):,} SIDs in {directory}"
@@ -403,14 +404,14 @@ def cmd_catalog(args: argparse.Namespace) -> int:
         return 0
     try:
         if args.catalog_command == "remove":
-            updated = catalog.with_changes(live.items, remove_ids=args.item_ids)
+            change = partial(catalog.with_changes, remove_ids=args.item_ids)
         else:
             codes = tokenize_new_items(args.tokenizer, np.load(args.content))
-            updated = catalog.with_changes(live.items, add_ids=args.item_ids, add_codes=codes)
+            change = partial(catalog.with_changes, add_ids=args.item_ids, add_codes=codes)
+        version, updated = catalog.update(directory, change)
     except (KeyError, ValueError) as err:
         console.print(f"[red]catalog unchanged:[/] {err}")
         return 2
-    version = catalog.publish(directory, updated, live.trie.codebook_size)
     console.print(f"catalog v{version} live: {len(updated.item_ids):,} items")
     return 0
 
