@@ -131,15 +131,20 @@ class Decoded:
     scores: np.ndarray  # (rows, C) float32, -inf where sids is -1
 
 
-def check_decoder_request(request: dict[str, np.ndarray], trie: SIDTrie) -> None:
+def check_decoder_request(
+    request: dict[str, np.ndarray], trie: SIDTrie, kv_shape: tuple[int, int, int]
+) -> None:
+    """``kv_shape`` is the decoder's (2 * layers, heads, head_dim), ``OnnxDecoder.kv_shape``:
+    a mismatch would otherwise fail inside ONNX Runtime, and with it the whole batch."""
     names = ("keep", "cross_kv", "beam_width", "count", "exclude_sids")
     rows = _rows(request, names)
     keep, kv = request["keep"], request["cross_kv"]
     if keep.ndim != 2:
         raise RequestError(f"keep: expected (batch, T), got {keep.shape}")
-    if kv.ndim != 5 or kv.shape[3] != keep.shape[1]:
+    n_kv, heads, dh = kv_shape
+    if kv.ndim != 5 or kv.shape[1:3] != (n_kv, heads) or kv.shape[3:] != (keep.shape[1], dh):
         raise RequestError(
-            f"cross_kv: expected (batch, 2L, heads, T={keep.shape[1]}, dh), got {kv.shape}"
+            f"cross_kv: expected (batch, {n_kv}, {heads}, T={keep.shape[1]}, {dh}), got {kv.shape}"
         )
     for name in ("beam_width", "count"):
         if request[name].shape != (rows, 1):

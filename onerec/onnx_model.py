@@ -40,7 +40,6 @@ class OnnxEncoder:
 
     def __init__(self, path: str | Path, threads: int = 0) -> None:
         self.session = _session(Path(path), threads)
-        self.kv_names = [o.name for o in self.session.get_outputs()][1:]
 
     def encode(self, pathways: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Pathway arrays (as :func:`onerec.pathways.collate` makes them) -> keep, K/V."""
@@ -61,6 +60,8 @@ class OnnxDecoder:
         if not self.steps:
             raise FileNotFoundError(f"{directory}: no decoder_step_0.onnx")
         self.kv_names = [i.name for i in self.steps[0].get_inputs()][1:]
+        k0 = self.steps[0].get_inputs()[1].shape  # (batch, heads, enc_len, head_dim)
+        self.kv_shape = (len(self.kv_names), int(k0[1]), int(k0[3]))  # cross_kv's fixed axes
 
     def step(self, tokens: np.ndarray, keep: np.ndarray, kv: list[np.ndarray]) -> np.ndarray:
         """(B, W, t) prefixes -> (B, W, K) log-probabilities of level t."""

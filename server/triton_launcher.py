@@ -11,11 +11,14 @@ needs four things the wheel does not arrange by itself (see DESIGN.md):
 
 :class:`TritonProcess` starts it, waits until the server and every model are ready,
 proves readiness with a real tiny inference (Triton can report ready after a python stub
-has died), forwards its log lines to ours, and stops it with SIGTERM, then SIGKILL.
+has died), forwards its log lines to ours, and stops it with SIGTERM, then SIGKILL. On
+Linux the kernel also sends it SIGTERM when the thread that started it dies, even by
+``kill -9``, so a crashed launcher never leaves a Triton holding its ports.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -35,6 +38,15 @@ log = logging.getLogger(__name__)
 triton_log = logging.getLogger(f"{__name__}.tritonserver")  # its own lines, by severity
 
 MODELS = ("onerec_encoder", "onerec_decoder", "onerec")
+PR_SET_PDEATHSIG = 1
+# Looked up now: after fork, the child must not take the locks a ctypes lookup needs.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent (thread) dies."""
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _env_port(name: str, default: int) -> int:
@@ -148,6 +160,7 @@ class TritonProcess:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,  # our SIGINT is for us; Triton gets an orderly SIGTERM
+            preexec_fn=_die_with_parent,
         )
         self._pump = threading.Thread(target=self._forward_logs, daemon=True)
         self._pump.start()

@@ -56,7 +56,7 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-TINY_DATA = ["--users", "40", "--items", "150", "--max-history", "300", "--codebook-size", "8"]
+TINY_DATA = ["--users", "40", "--items", "700", "--max-history", "300", "--codebook-size", "16"]
 TINY_SIZES = {"d_model": 32, "d_ff": 64, "d_expert": 64, "lifelong_len": 50, "positive_len": 32}
 
 
@@ -82,7 +82,7 @@ def served(tmp_path_factory):
     art = root / "art"
     assert main(["build", "--out", str(art), "--until", "tokenizer", *TINY_DATA]) == 0
     ds, cat, _ = load_catalog(art)
-    cfg = model_config(ds, cat, 8, n_queries=8, **TINY_SIZES)
+    cfg = model_config(ds, cat, 16, n_queries=8, **TINY_SIZES)
     torch.manual_seed(0)
     repo = root / "repo"
     write_model_repository(build_model(cfg, cat).eval(), load_item_sids(art / "tokenizer"), repo)

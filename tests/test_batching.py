@@ -126,16 +126,21 @@ def test_a_failing_batch_fails_each_request_but_returns() -> None:
         ({"count": np.array([[9]], np.int32)}, "count"),
         ({"exclude_sids": np.full((1, 2, 3), 8)}, "exclude_sids"),
         ({"keep": np.ones((1, 2), bool)}, "cross_kv"),
+        ({"cross_kv": lambda kv: kv[:, :, :1]}, "cross_kv"),  # too few heads
+        ({"cross_kv": lambda kv: kv[:, :2]}, "cross_kv"),  # too few layers
+        ({"cross_kv": lambda kv: kv[..., :3]}, "cross_kv"),  # narrower heads
     ],
 )
 def test_decoder_checks_name_the_field(onnx, change, field) -> None:
-    encoder, _, trie = onnx
+    encoder, decoder, trie = onnx
     keep, kv = encode_batch(encoder, [_request(3, 0)])[0]
     request = {
         "keep": keep,
         "cross_kv": kv,
         "beam_width": np.array([[8]], np.int32),
         "count": np.array([[8]], np.int32),
-    } | change
+    }
+    check_decoder_request(request, trie, decoder.kv_shape)  # as encoded: fine
+    request |= {k: v(request[k]) if callable(v) else v for k, v in change.items()}
     with pytest.raises(RequestError, match=field):
-        check_decoder_request(request, trie)
+        check_decoder_request(request, trie, decoder.kv_shape)

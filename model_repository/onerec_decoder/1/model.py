@@ -47,7 +47,7 @@ class TritonPythonModel:
             arrays.append({n: t.as_numpy() for n, t in tensors.items() if t is not None})
         results = run_valid(
             arrays,
-            lambda a: check_decoder_request(a, trie),
+            lambda a: check_decoder_request(a, trie, self.decoder.kv_shape),
             lambda batch: decode_batch(self.decoder, trie, batch),
         )
         responses = []
