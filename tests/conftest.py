@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import asdict
 from pathlib import Path
 
 import grpc
@@ -85,7 +86,12 @@ def served(tmp_path_factory):
     cfg = model_config(ds, cat, 16, n_queries=8, **TINY_SIZES)
     torch.manual_seed(0)
     repo = root / "repo"
-    write_model_repository(build_model(cfg, cat).eval(), load_item_sids(art / "tokenizer"), repo)
+    model = build_model(cfg, cat).eval()
+    write_model_repository(model, load_item_sids(art / "tokenizer"), repo)
+    (art / "model").mkdir()  # the same weights for in-process use (the bench's baseline)
+    torch.save(
+        {"model": model.state_dict(), "model_config": asdict(cfg)}, art / "model" / "checkpoint.pt"
+    )
     load_dataset(ds, art / "features.sqlite").close()
     triton = TritonProcess(repo, TritonPorts(*free_ports(3)), probe=lambda url: probe(url, cfg))
     with triton:
