@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
+from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
 from tritonclient.utils import InferenceServerException
 
 from onerec.export import PATHWAY_INPUTS
@@ -106,12 +107,28 @@ class Decoded:
     catalog_version: int
 
 
+def channel_args() -> list[tuple[str, int | str]]:
+    """tritonclient's defaults plus round-robin balancing: with a ``dns:///`` URL naming a
+    headless Service, the one channel spreads calls over every Triton pod instead of
+    pinning to whichever pod its single connection reached."""
+    keepalive = KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.lb_policy_name", "round_robin"),
+    ]
+
+
 class TritonModel:
     """The ensemble over one shared ``tritonclient.grpc.aio`` channel."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.client = grpcaio.InferenceServerClient(url)
+        self.client = grpcaio.InferenceServerClient(url, channel_args=channel_args())
 
     async def recommend(
         self,

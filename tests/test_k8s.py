@@ -47,19 +47,8 @@ TRITON_METRICS = {
     "nv_inference_request_failure",
     "nv_gpu_utilization",
 }
-SETTINGS = {
-    "ONEREC_PORT",
-    "ONEREC_METRICS_PORT",
-    "ONEREC_TRITON_URL",
-    "ONEREC_ARTIFACTS",
-    "ONEREC_REPOSITORY",
-    "ONEREC_FEATURE_STORE",
-    "ONEREC_MAX_INFLIGHT",
-    "ONEREC_AUTH_TOKEN_FILE",
-    "ONEREC_TLS_CERT",
-    "ONEREC_TLS_KEY",
-    "ONEREC_PEAK_FLOPS",
-}
+# What `onerec serve` reads (server/app.py): the ConfigMap may set nothing else.
+SETTINGS = set(re.findall(r'_env\("(ONEREC_[A-Z_]+)"', (ROOT / "server" / "app.py").read_text()))
 
 
 @cache
@@ -120,6 +109,11 @@ BROKEN = {
     "port as string": ({"triton": {"ports": {"grpc": "8001"}}}, "grpc"),
     # A template that cannot render: the PVC source without a claim.
     "pvc without claim": ({"modelRepository": {"source": "pvc"}}, "claimName"),
+    # A drain longer than Kubernetes waits before SIGKILL.
+    "drain past the grace period": (
+        {"frontend": {"settings": {"drainSeconds": 25}}},
+        "terminationGracePeriodSeconds",
+    ),
 }
 
 
@@ -182,14 +176,15 @@ def test_frontend_runs_the_serve_contract_with_native_grpc_probes(profile: str) 
     assert fe["args"] == [
         "serve",
         "--triton-url",
-        "onerec-triton:8001",
+        "dns:///onerec-triton-headless:8001",
         "--artifacts",
         "/models/artifacts",
         "--repository",
         "/models/repository",
     ]
     assert {p["name"]: p["containerPort"] for p in fe["ports"]} == {"grpc": 50051, "metrics": 9464}
-    assert fe["readinessProbe"]["grpc"] == {"port": 50051, "service": "onerec.v1.Recommender"}
+    # Routed on "" (answers, maybe degraded), so a Triton outage keeps the fallback reachable.
+    assert fe["readinessProbe"]["grpc"] == {"port": 50051, "service": ""}
     assert fe["livenessProbe"]["grpc"] == {"port": 50051, "service": ""}
     assert fe["resources"]["requests"] and fe["resources"]["limits"]
     assert fe["securityContext"]["readOnlyRootFilesystem"] is True
@@ -201,6 +196,11 @@ def test_frontend_runs_the_serve_contract_with_native_grpc_probes(profile: str) 
     assert models == next(v for v in triton_pod["volumes"] if v["name"] == "models")
     settings = objs["ConfigMap/onerec-frontend"]["data"]
     assert set(settings) <= SETTINGS
+    # Calls are balanced over every Triton pod: the URL names the headless Service.
+    assert settings["ONEREC_TRITON_URL"] == "dns:///onerec-triton-headless:8001"
+    assert objs["Service/onerec-triton-headless"]["spec"]["clusterIP"] == "None"
+    drain = float(settings["ONEREC_DRAIN_S"]) + float(settings["ONEREC_GRACE_S"])
+    assert pod["terminationGracePeriodSeconds"] > drain
     assert settings["ONEREC_PORT"] == "50051" and settings["ONEREC_METRICS_PORT"] == "9464"
 
 

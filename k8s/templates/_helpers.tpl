@@ -52,8 +52,13 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .repository (default .root.Chart.AppVersion .tag) }}
 {{- end }}
 
+{{/*
+The front end dials every Triton pod through the headless Service (gRPC round robin over
+its DNS records): one long-lived HTTP/2 connection to the ClusterIP would pin each front
+end to a single Triton pod, whatever Triton's replica count.
+*/}}
 {{- define "onerec.tritonGrpcUrl" -}}
-{{- printf "%s:%d" (include "onerec.triton.fullname" .) (int .Values.triton.ports.grpc) }}
+{{- printf "dns:///%s-headless:%d" (include "onerec.triton.fullname" .) (int .Values.triton.ports.grpc) }}
 {{- end }}
 
 {{/*
