@@ -201,9 +201,12 @@ def train(
     total = steps_per_epoch * cfg.epochs
     clock = {"started": time.perf_counter(), "before": 0.0}  # seconds of earlier runs
 
+    def elapsed() -> float:
+        """Training seconds of this run and of the runs it resumes: one budget for all."""
+        return clock["before"] + time.perf_counter() - clock["started"]
+
     def time_progress() -> float:
-        elapsed = clock["before"] + time.perf_counter() - clock["started"]
-        return elapsed / (60 * cfg.max_minutes)
+        return elapsed() / (60 * cfg.max_minutes)
 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: _schedule(s, total, cfg.warmup_steps, time_progress())
@@ -222,7 +225,7 @@ def train(
         clock["before"] = state.get("seconds", 0.0)
         log.info("resumed from %s at epoch %d", ckpt, start_epoch)
 
-    started = clock["started"] = time.perf_counter()
+    clock["started"] = time.perf_counter()
     loss_avg = float("nan")
     epoch = start_epoch
     model.train()
@@ -244,7 +247,7 @@ def train(
                 moe.update_bias()
             loss_avg = loss.item() if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * loss.item()
             bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
-            if (time.perf_counter() - started) / 60 > cfg.max_minutes:
+            if elapsed() / 60 > cfg.max_minutes:
                 break
         if ckpt:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -256,16 +259,16 @@ def train(
                     "rng": rng.bit_generator.state,
                     "torch_rng": torch.get_rng_state(),
                     "epoch": epoch + 1,
-                    "seconds": clock["before"] + time.perf_counter() - started,
+                    "seconds": elapsed(),
                     "model_config": asdict(model.cfg),
                     "train_config": asdict(cfg),
                 },
                 ckpt,
             )
-        if (time.perf_counter() - started) / 60 > cfg.max_minutes:
+        if elapsed() / 60 > cfg.max_minutes:
             log.warning(
                 "stopping at the %.1f-minute budget in epoch %d", cfg.max_minutes, epoch + 1
             )
             break
     model.eval()
-    return {"loss": loss_avg, "epochs": epoch + 1, "seconds": time.perf_counter() - started}
+    return {"loss": loss_avg, "epochs": epoch + 1, "seconds": elapsed()}
