@@ -28,10 +28,11 @@ from onerec.experiment import (
     train_artifacts,
     write_eval_report,
 )
-from onerec.export import export
+from onerec.export import export, parity
 from onerec.model import OneRecConfig
+from onerec.onnx_model import OnnxOneRec
 from onerec.pathways import EventArrays, build_pathways
-from onerec.repository import TEMPLATE, catalog_dir, write_model_repository
+from onerec.repository import DECODER, ENCODER, TEMPLATE, catalog_dir, write_model_repository
 from onerec.semantic_ids import load_item_sids, tokenize_dataset, tokenize_new_items
 from onerec.tokenizer import SemanticTokenizer, TokenizerConfig, collision_stats
 from onerec.train import TrainConfig
@@ -152,15 +153,19 @@ def _build_model(out: Path, args: argparse.Namespace) -> None:
         )
     if args.until != "repository":
         return
-    _, catalog, _ = load_catalog(out)
+    _, catalog, catalog_index = load_catalog(out)
+    model = load_model(out, catalog)
     version = write_model_repository(
-        load_model(out, catalog),
+        model,
         load_item_sids(out / "tokenizer"),
         args.repository,
         args.encoder_instances,
         args.decoder_instances,
     )
     console.print(f"model repository {args.repository}: ONNX written, catalog v{version} live")
+    repo = Path(args.repository)
+    onnx = OnnxOneRec(repo / ENCODER / "1", decoder_directory=repo / DECODER / "1")
+    _print_parity(model, onnx, out, catalog_index.trie)
     from server.feature_store import load_dataset, stored_users
 
     store = out / "features.sqlite"
@@ -274,11 +279,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """ONNX encoder and decoder steps from a trained artefact directory."""
     artifacts = Path(args.artifacts)
-    _, catalog, _ = load_catalog(artifacts)
-    paths = export(load_model(artifacts, catalog), Path(args.out or artifacts / "onnx"))
-    for path in paths:
+    _, catalog, index = load_catalog(artifacts)
+    model = load_model(artifacts, catalog)
+    out = Path(args.out or artifacts / "onnx")
+    for path in export(model, out):
         console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    _print_parity(model, OnnxOneRec(out), artifacts, index.trie)
     return 0
+
+
+def _print_parity(model, onnx: OnnxOneRec, artifacts: Path, trie, users: int = 8) -> None:
+    """The exported graphs against torch on real users (the tests do it on random ones)."""
+    pathways = _serving_pathways(artifacts, model.cfg, users, seed=0)
+    console.print(str(parity(model, onnx, pathways, trie, beam_width=128)))
 
 
 def cmd_triton(args: argparse.Namespace) -> int:

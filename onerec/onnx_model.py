@@ -76,8 +76,12 @@ class OnnxDecoder:
 class OnnxOneRec:
     """Encoder and decoder of one export directory, for offline use and parity tests."""
 
-    def __init__(self, directory: str | Path, threads: int = 0) -> None:
+    def __init__(
+        self, directory: str | Path, threads: int = 0, decoder_directory: str | Path | None = None
+    ) -> None:
+        """``directory`` holds encoder.onnx and, unless ``decoder_directory`` is given (a
+        model repository keeps them apart), the decoder steps."""
         self.encoder = OnnxEncoder(Path(directory) / "encoder.onnx", threads)
-        self.decoder = OnnxDecoder(directory, threads)
+        self.decoder = OnnxDecoder(decoder_directory or directory, threads)
         self.encode = self.encoder.encode
         self.step = self.decoder.step

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from onerec.beam_search import constrained_beam_search
-from onerec.export import PATHWAY_INPUTS, export
+from onerec.export import PATHWAY_INPUTS, export, parity
 from onerec.model import N_FLAGS, OneRec, OneRecConfig
 from onerec.onnx_model import OnnxOneRec
 from onerec.trie import SIDTrie
@@ -97,3 +97,16 @@ def test_beam_search_top10_matches_torch(exported) -> None:
     ours = constrained_beam_search(lambda t: onnx.step(t, keep, kv), 3, 32, trie)
     np.testing.assert_array_equal(ours.sids[:, :10], ref.sids[:, :10])
     np.testing.assert_allclose(ours.scores[:, :10], ref.scores[:, :10], atol=1e-4)
+
+
+def test_parity_report_measures_what_the_tests_assert(exported) -> None:
+    """The numbers `onerec export` and `onerec build` print, on two requests."""
+    model, onnx = exported
+    sids = np.random.default_rng(2).integers(0, CFG.codebook_size, (300, CFG.sid_levels))
+    trie = SIDTrie.from_codes(sids, CFG.codebook_size)
+    inputs = _pathways(2, 20, 64, 200, seed=4)
+    pathways = [{k: v[i] for k, v in inputs.items()} for i in range(2)]
+    p = parity(model, onnx, pathways, trie, beam_width=32)
+    assert p.requests == 2 and p.top10_equal == 2
+    assert 0 < p.kv_max_abs <= 1e-4 and 0 < p.step_max_abs <= 1e-4
+    assert "top-10 identical for 2/2" in str(p)
