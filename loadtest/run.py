@@ -1,8 +1,9 @@
 """`make loadtest`: a bounded headless Locust run against the front end.
 
-If nothing answers gRPC health at ``--host``, it starts the stack (``onerec serve`` with a
-local Triton, on the host's port) and stops it afterwards. Locust's CSV and HTML go to
-``--out``; the exit code is Locust's, which is non-zero when any request failed.
+If no process answers gRPC health at ``--host``, it starts the stack (``onerec serve``
+with a local Triton, on the host's port), waits until the model serves, and stops it
+afterwards. Locust's CSV and HTML go to ``--out``; the exit code is Locust's, which is
+non-zero when any request failed.
 """
 
 from __future__ import annotations
@@ -21,11 +22,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
 
-def serving(host: str, timeout: float = 2.0) -> bool:
+MODEL = "onerec.v1.Recommender"  # SERVING while inference through Triton works
+
+
+def serving(host: str, service: str = "", timeout: float = 2.0) -> bool:
+    """Health of ``service`` at ``host``: ``""`` is the process (it answers, maybe from a
+    fallback), ``MODEL`` the model behind it."""
     with grpc.insecure_channel(host) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="onerec.v1.Recommender"), timeout=timeout
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
         except grpc.RpcError:
             return False
@@ -40,7 +46,7 @@ def start_stack(host: str, artifacts: str, log: Path) -> subprocess.Popen:
         [sys.executable, "-m", "onerec", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT
     )
     deadline = time.monotonic() + 300
-    while not serving(host):
+    while not serving(host, MODEL):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.send_signal(signal.SIGTERM)  # not SIGKILL: it must stop its Triton
             raise RuntimeError(f"the stack did not come up; see {log}")
@@ -63,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     if not serving(args.host):
         print(f"nothing serving at {args.host}: starting onerec serve (log: {out}/stack.log)")
         stack = start_stack(args.host, args.artifacts, out / "stack.log")
+    elif not serving(args.host, MODEL):
+        print(f"warning: {args.host} answers but its model is not ready: expect fallbacks")
     try:
         locust = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless"]
         locust += ["--host", args.host, "--users", str(args.users)]
