@@ -148,8 +148,27 @@ def write_eval_report(
         for model, m in entry["models"].items():
             cells = " | ".join(f"{m[k]:.4f}" for k in METRICS)
             lines.append(f"| {model} | {cells} |")
+        lines += ["", *(f"- {t}" for t in targets(entry["models"]))]
         extra = {k: v for k, v in entry.items() if k != "models"}
         if extra:
             lines += ["", "```", json.dumps(extra, indent=2), "```"]
         lines.append("")
     (reports / "eval.md").write_text("\n".join(lines))
+
+
+def targets(models: dict[str, dict[str, float]]) -> list[str]:
+    """The quality bar, reached or not: with ground truth (synthetic), Recall@10 at least
+    2x popularity's and at least SASRec's; on real data, NDCG@10 at least SASRec's."""
+    one, pop, sas = models["onerec"], models["popularity"], models["sasrec"]
+
+    def line(what: str, ours: float, bar: float) -> str:
+        verdict = "reached" if ours >= bar else "NOT reached"
+        ratio = f"{ours / bar:.2f}x" if bar else "bar is 0"
+        return f"{what}: {ours:.4f} vs {bar:.4f}, {verdict} ({ratio})"
+
+    if "oracle" in models:
+        return [
+            line("Recall@10 >= 2x popularity", one["recall@10"], 2 * pop["recall@10"]),
+            line("Recall@10 >= SASRec", one["recall@10"], sas["recall@10"]),
+        ]
+    return [line("NDCG@10 >= SASRec", one["ndcg@10"], sas["ndcg@10"])]
