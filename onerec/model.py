@@ -9,7 +9,8 @@ Read top to bottom:
   reduced by a QFormer (:class:`QFormer`) to ``n_queries`` tokens.
 * :class:`SIDDecoder` -- BOS + one embedding table per SID level; causal self-attention,
   cross-attention to the encoder and a mixture-of-experts FFN; one head per level.
-* :func:`flops_per_request` -- matmul FLOPs of one request from the config alone.
+* :func:`flops_per_request` -- matmul FLOPs of one request from the config and the request's
+  pathway lengths.
 
 Token inputs use index 0 for padding; item index ``i`` of the catalog is ``i + 1`` and
 ``n_items + 1`` stands for an item the model has never seen.

@@ -8,11 +8,11 @@ TLS, an optional bearer token and message-size limits.
 Health of ``onerec.v1.Recommender`` is SERVING only while a real tiny inference through
 Triton succeeds: a loop probes every ``probe_interval_s`` and flips both that status and
 the service's ``model_ready`` (which routes requests to the popularity fallback while
-Triton is away, and back when it returns). The overall status ``""`` says the process is
-alive (Kubernetes' liveness probe), so a Triton outage drains traffic via readiness but
-never restarts healthy front ends. SIGTERM sets every status NOT_SERVING, keeps answering
-for ``drain_s`` (so load balancers stop sending first), lets in-flight calls finish within
-``grace_s``, then exits.
+Triton is away, and back when it returns). The overall status ``""`` says the process can
+answer, the fallback included (Kubernetes routes and restarts on it), so a Triton outage
+neither empties the Service nor restarts healthy front ends. SIGTERM sets every status
+NOT_SERVING, keeps answering for ``drain_s`` (so load balancers stop sending first), lets
+in-flight calls finish within ``grace_s``, then exits.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Iterable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -295,8 +296,9 @@ def load_dataset(ds: Dataset, path: str | Path) -> SQLiteFeatureStore:
 def stored_users(path: str | Path) -> int:
     """Profiles in the store at ``path``; 0 for a missing, empty or foreign file, which a
     build must replace rather than serve from."""
+    uri = f"{Path(path).absolute().as_uri()}?mode=ro"
     try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        with closing(sqlite3.connect(uri, uri=True)) as conn:
             return int(conn.execute("SELECT count(*) FROM users").fetchone()[0])
     except sqlite3.Error:
         return 0

@@ -190,13 +190,15 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         )
         m.flops.inc(flops)
         m.window.add(flops)
-        return self._response(ids, scores, sids, prep.view.version, "", request.request_id)
+        version = decoded.catalog_version  # the catalog that decoded and mapped them
+        return self._response(ids, scores, sids, version, "", request.request_id)
 
     def _prepare(self, user: str, now_ms: int, inline, excluded: np.ndarray) -> Prepared:
         """Profile, the live catalog and the four pathways (blocking: a worker thread)."""
         ctx, m = self.ctx, self.ctx.metrics
         started = time.perf_counter()
         static, version = ctx.store.static(user), ctx.store.version(user)
+        profile_s = time.perf_counter() - started
         try:
             view = ctx.catalog.get()
         except (OSError, ValueError) as e:
@@ -205,7 +207,6 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             return Prepared(view, None, np.zeros(0, np.int64), excluded, None)
         if static is None:  # a user known only by events they logged: default profile
             static = np.zeros(len(ctx.cfg.static_cardinalities), np.int64)
-        profile_s = time.perf_counter() - started
         built = ctx.builder.build(user, now_ms, static, inline)
         m.stage.labels("features").observe(profile_s + built.features_s)
         m.stage.labels("lifelong").observe(built.lifelong_s)

@@ -86,9 +86,9 @@ def run(
         wall = time.perf_counter() - started
         after = _counts(client)
     batch = {m: (after[m][0] - before[m][0]) / max(1, after[m][1] - before[m][1]) for m in MODELS}
-    if not latencies:
+    if errors and not latencies:
         raise RuntimeError(f"every request failed, e.g. {errors[0]}")
-    ms = np.array(latencies) * 1000
+    ms = np.array(latencies or [np.nan]) * 1000
     return BenchRow(
         beam_width,
         concurrency,
