@@ -111,7 +111,7 @@ BROKEN = {
     "pvc without claim": ({"modelRepository": {"source": "pvc"}}, "claimName"),
     # A drain longer than Kubernetes waits before SIGKILL.
     "drain past the grace period": (
-        {"frontend": {"settings": {"drainSeconds": 25}}},
+        {"frontend": {"settings": {"drainSeconds": 20.5, "graceSeconds": 9.6}}},
         "terminationGracePeriodSeconds",
     ),
 }
