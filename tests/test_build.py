@@ -130,7 +130,9 @@ def test_semantic_ids_never_see_the_held_out_events(tmp_path) -> None:
         events = ds.events.copy()
         events["item_id"] = pd.Categorical.from_codes(codes, ds.events["item_id"].cat.categories)
         tokenize_dataset(replace(ds, events=events), tmp_path / name, cfg, progress=False)
-        return np.load(tmp_path / name / "item_embeddings.npy")
+        sids = load_item_sids(tmp_path / name)
+        embeddings = np.load(tmp_path / name / "item_embeddings.npy")
+        return np.concatenate([embeddings.ravel(), sids.codes.ravel(), sids.popularity])
 
     held_out = leave_last_out(ds).history_end
     base = tokenized(held_out[:0], "base")

@@ -223,9 +223,10 @@ def test_bad_tensors_get_a_clear_error_and_the_server_keeps_serving(served, chan
     probe(triton.grpc_url, cfg)  # the stubs survived
 
 
-def test_a_malformed_cross_kv_sent_to_the_decoder_fails_alone(served) -> None:
-    """Straight to ``onerec_decoder``, K/V with the wrong head count: a named
-    INVALID_ARG for that request, while a good request in the same moment is served."""
+def test_a_malformed_cross_kv_sent_to_the_decoder_is_a_named_invalid_argument(served) -> None:
+    """Straight to ``onerec_decoder``, K/V with the wrong head count: a named INVALID_ARG
+    for that request, and a good request sent at the same moment is served (whether the
+    two share a batch is Triton's choice; test_batching checks the shared-batch case)."""
     triton, _, cfg, *_ = served
     t = 5
     good = np.zeros((1, 2 * cfg.decoder_layers, cfg.n_heads, t, cfg.head_dim), np.float32)
