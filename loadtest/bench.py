@@ -18,9 +18,10 @@ over gRPC:
 * **batch-delay sweep**: Triton's ``max_queue_delay_microseconds`` for both models,
   changed through its repository API (a reload, no restart), at a fixed concurrency.
 
-MFU = model FLOPs of the completed requests (``onerec.model.flops_per_request`` with each
-request's own pathway lengths, checked against FlopCounterMode in the tests) per second,
-over the best of a few float32 GEMMs measured here. Everything runs on one machine: the
+MFU = model FLOPs of the completed requests (``onerec.pathways.request_flops``: each
+request at its own pathway lengths, as the server counts them; checked against
+FlopCounterMode in the tests) per second, over the best of a few float32 GEMMs measured
+here. Everything runs on one machine: the
 load generator, the front end and Triton share its cores, which the report states next to
 the numbers.
 """
@@ -50,8 +51,8 @@ import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 
 from onerec.experiment import load_catalog, load_model
-from onerec.model import flops_per_request
 from onerec.naive_serving import NaiveServing
+from onerec.pathways import request_flops
 from onerec.v1 import recommender_pb2 as pb
 from onerec.v1 import recommender_pb2_grpc as pb_grpc
 from server.feature_store import SQLiteFeatureStore
@@ -159,20 +160,18 @@ class Level:
     fallbacks: int = 0  # of which fallbacks: answers the server's own QPS counts
 
 
-Lengths = tuple[int, int, int]  # a user's (lifelong, short-term, positive) pathway lengths
-
-
-def pathway_lengths(builder: PathwayBuilder, users: list[str]) -> list[Lengths]:
-    """Each user's pathway lengths as the front end builds them (for the harness's FLOPs);
-    this also warms ``builder``'s lifelong cache, as the server's is warmed."""
+def user_flops(builder: PathwayBuilder, users: list[str], cfg, beams: list[int]) -> list[dict]:
+    """Each user's model FLOPs per beam width, from the pathways the front end builds
+    (``onerec.pathways.request_flops``, as the server counts them); this also warms
+    ``builder``'s lifelong cache, as the server's is warmed."""
     out = []
     for user in users:
         p = builder.build(user, int(time.time() * 1000), builder.store.static(user)).pathways
-        out.append((len(p["life_items"]), len(p["short_items"]), len(p["pos_items"])))
+        out.append({beam: request_flops(cfg, beam, p) for beam in beams})
     return out
 
 
-def closed_loop(stub, users, lengths, cfg, beam: int, clients: int, seconds: float) -> Level:
+def closed_loop(stub, users, flops_of, beam: int, clients: int, seconds: float) -> Level:
     """``clients`` threads, each sending its next request as soon as the last returns."""
     lat: list[float] = []
     flops, errors, fallbacks = [0.0], [0], [0]
@@ -198,7 +197,7 @@ def closed_loop(stub, users, lengths, cfg, beam: int, clients: int, seconds: flo
             elapsed = time.perf_counter() - started
             with lock:
                 lat.append(elapsed)
-                flops[0] += flops_per_request(cfg, beam, *lengths[u])
+                flops[0] += flops_of[u][beam]
 
     started = time.perf_counter()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
@@ -351,7 +350,7 @@ def warm(stub, users: list[str], timeout_s: float = 60.0) -> None:
         stub.Recommend(pb.RecommendRequest(user_id=user), timeout=30)
 
 
-def baseline_rows(naive: NaiveServing, builder: PathwayBuilder, users, lengths, cfg, beam, n):
+def baseline_rows(naive: NaiveServing, builder: PathwayBuilder, users, flops_of, beam, n):
     """The naive server, one request at a time, timed like the server (features included)."""
     rng = np.random.default_rng(1)
     lat, flops = [], 0.0
@@ -363,7 +362,7 @@ def baseline_rows(naive: NaiveServing, builder: PathwayBuilder, users, lengths, 
         built = builder.build(users[u], int(time.time() * 1000), static)
         naive.recommend(built.pathways, beam)
         lat.append(time.perf_counter() - started)
-        flops += flops_per_request(cfg, beam, *lengths[u])
+        flops += flops_of[u][beam]
     return Level(np.array(lat), time.perf_counter() - started_all, flops, 0)
 
 
@@ -516,10 +515,10 @@ def main(argv: list[str] | None = None) -> int:
     _, catalog, index = load_catalog(args.artifacts)
     builder = PathwayBuilder(SQLiteFeatureStore(store_copy), cfg, catalog.vectors)
     print(f"pathways of {len(users)} users ...", flush=True)
-    sizes = pathway_lengths(builder, users)
+    flops_of = user_flops(builder, users, cfg, sorted({128, *args.beams}))
     print("baseline ...", flush=True)  # first, with the machine to itself
     naive = NaiveServing(load_model(args.artifacts, catalog), index.trie.sids)
-    base = baseline_rows(naive, builder, users, sizes, cfg, 128, args.baseline_requests)
+    base = baseline_rows(naive, builder, users, flops_of, 128, args.baseline_requests)
     report["baseline"].append({"concurrency": 1, **_row(base, peak)})
     b = report["baseline"][0]
     print(f"baseline: {b['qps']:.2f} QPS p99 {b['p99_ms']:.0f} ms", flush=True)
@@ -529,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.stub.Recommend(pb.RecommendRequest(user_id=u, count=1), timeout=60)
         for c in args.concurrency:
             before, front0 = _scrape(stack.triton.ports.metrics), _scrape(stack.metrics_port)
-            level = closed_loop(stack.stub, users, sizes, cfg, 128, c, args.seconds)
+            level = closed_loop(stack.stub, users, flops_of, 128, c, args.seconds)
             after, front = _scrape(stack.triton.ports.metrics), _scrape(stack.metrics_port)
             row = {"concurrency": c, **_row(level, peak), "triton": triton_split(before, after)}
             row["stages_ms"] = stage_split(front0, front)
@@ -546,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         report["half_peak"] = {"offered_qps": best["qps"] / 2, **_row(half, peak)}
         for beam in args.beams:
             level = closed_loop(
-                stack.stub, users, sizes, cfg, beam, args.beam_concurrency, args.seconds
+                stack.stub, users, flops_of, beam, args.beam_concurrency, args.seconds
             )
             report["beam_sweep"].append({"beam_width": beam, **_row(level, peak)})
             print(f"beam {beam}: {report['beam_sweep'][-1]['qps']:.1f} QPS", flush=True)
@@ -574,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             warm(stack.stub, users)
             before = _scrape(stack.triton.ports.metrics)
             level = closed_loop(
-                stack.stub, users, sizes, cfg, 128, args.beam_concurrency, args.seconds
+                stack.stub, users, flops_of, 128, args.beam_concurrency, args.seconds
             )
             split = triton_split(before, _scrape(stack.triton.ports.metrics))
             report["delay_sweep"].append(

@@ -24,7 +24,13 @@ import numpy as np
 from onerec.data.schema import Dataset
 from onerec.engagement import engagement_score, is_positive, watch_ratio
 from onerec.lifelong import Compressed, compress_history
-from onerec.model import N_GAP_BUCKETS, N_WATCH_BUCKETS, N_WEIGHT_BUCKETS, OneRecConfig
+from onerec.model import (
+    N_GAP_BUCKETS,
+    N_WATCH_BUCKETS,
+    N_WEIGHT_BUCKETS,
+    OneRecConfig,
+    flops_per_request,
+)
 
 FLAG_COLUMNS = ("click", "like", "follow", "comment", "forward", "hate")
 
@@ -115,6 +121,18 @@ def build_pathways(
         "life_gap": gap_bucket(now_ms, h.timestamp[life]),
         "life_weight": weight_bucket(compressed.weights),
     }
+
+
+def request_flops(cfg: OneRecConfig, beam_width: int, pathways: dict[str, np.ndarray]) -> int:
+    """:func:`onerec.model.flops_per_request` at this request's own pathway lengths: the
+    one definition the server's MFU and the benchmark's both use."""
+    return flops_per_request(
+        cfg,
+        beam_width,
+        lifelong_items=len(pathways["life_items"]),
+        short_items=len(pathways["short_items"]),
+        positive_items=len(pathways["pos_items"]),
+    )
 
 
 def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -27,7 +27,8 @@ import grpc
 import numpy as np
 
 from onerec.engagement import is_positive
-from onerec.model import OneRecConfig, flops_per_request
+from onerec.model import OneRecConfig
+from onerec.pathways import request_flops
 from onerec.v1 import recommender_pb2 as pb
 from onerec.v1 import recommender_pb2_grpc as pb_grpc
 from server.catalog import CatalogReader, CatalogView
@@ -181,13 +182,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         except (OSError, ValueError) as e:  # the decoder's catalog version is unreadable
             log.error("catalog v%d unavailable: %s", decoded.catalog_version, e)
             return await self._fallback(prep, "model_unavailable", count, request.request_id)
-        flops = flops_per_request(
-            ctx.cfg,
-            beam,
-            len(pathways["life_items"]),
-            len(pathways["short_items"]),
-            len(pathways["pos_items"]),
-        )
+        flops = request_flops(ctx.cfg, beam, pathways)
         m.flops.inc(flops)
         m.window.add(flops)
         version = decoded.catalog_version  # the catalog that decoded and mapped them
