@@ -25,6 +25,7 @@ from onerec.experiment import (
     evaluate_artifacts,
     load_catalog,
     load_model,
+    target_checks,
     train_artifacts,
     write_eval_report,
 )
@@ -257,7 +258,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate OneRec against popularity, SASRec and (synthetic) the oracle."""
     artifacts = Path(args.artifacts)
     started = time.perf_counter()
-    results = evaluate_artifacts(
+    ranks = evaluate_artifacts(
         artifacts, args.beam_width, args.sasrec_epochs, args.max_users, args.seed
     )
     details = {
@@ -265,7 +266,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "users": args.max_users or "all",
         "seconds": round(time.perf_counter() - started, 1),
     }
-    write_eval_report(args.name or artifacts.name, results, Path(args.reports), details)
+    results = write_eval_report(args.name or artifacts.name, ranks, Path(args.reports), details)
     table = Table(title=f"evaluation: {args.name or artifacts.name}")
     table.add_column("model")
     for metric in METRICS:
@@ -273,6 +274,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for model, m in results.items():
         table.add_row(model, *(f"{m[k]:.4f}" for k in METRICS))
     console.print(table)
+    for check in target_checks(ranks):
+        console.print(check.line())
     return 0
 
 

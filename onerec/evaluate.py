@@ -3,8 +3,8 @@
 :func:`recommend_items` is the offline reference of what serving does: build the four
 pathways from the history before the held-out event, encode once, run the trie-constrained
 beam search, and expand each SID into its items in collision-rank order (the catalog
-rule). :func:`evaluate_onerec` turns those ranked lists into Recall/NDCG@K with seen items
-removed, exactly as :mod:`onerec.metrics` does for the score-based baselines.
+rule). :func:`onerec_ranks` turns those ranked lists, seen items removed, into per-user
+target ranks, exactly as :mod:`onerec.metrics` does for the score-based baselines.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from onerec.beam_search import constrained_beam_search
 from onerec.data.schema import Dataset
 from onerec.lifelong import compress_history
-from onerec.metrics import Split, filter_topk_seen, rank_metrics_from_topk
+from onerec.metrics import Split, filter_topk_seen, topk_ranks
 from onerec.model import OneRec
 from onerec.pathways import EventArrays, build_pathways, collate
 from onerec.train import Catalog
@@ -96,7 +96,7 @@ def recommend_items(
     return index.expand(leaves)
 
 
-def evaluate_onerec(
+def onerec_ranks(
     model: OneRec,
     ds: Dataset,
     catalog: Catalog,
@@ -105,8 +105,8 @@ def evaluate_onerec(
     beam_width: int = 128,
     batch_size: int = 32,
     rows: np.ndarray | None = None,
-) -> dict[str, float]:
-    """Recall/NDCG@10/50 of the beam-search recommendations, seen items removed."""
+) -> np.ndarray:
+    """Target ranks (len(rows),) in the beam-search recommendations, seen items removed."""
     rows = np.arange(len(split)) if rows is None else np.asarray(rows)
     events = EventArrays.from_dataset(ds)
     ranked = []
@@ -118,4 +118,4 @@ def evaluate_onerec(
     topk = np.concatenate(
         [np.pad(r, ((0, 0), (0, width - r.shape[1])), constant_values=-1) for r in ranked]
     )
-    return rank_metrics_from_topk(topk, split.target_items[rows])
+    return topk_ranks(topk, split.target_items[rows])

@@ -18,7 +18,9 @@ model) is judged on the same footing:
   ``1 / log2(rank + 2)`` when ``rank < K``, else 0; both averaged over users.
 
 Scores are evaluated in chunks of users, so a (users, items) matrix never has to exist whole.
-Models that return ranked top-K lists (beam search) use :func:`rank_metrics_from_topk`.
+Models that return ranked top-K lists (beam search) use :func:`topk_ranks`. Every path goes
+through per-user ranks, so two models on the same split can be compared pairwise
+(:func:`gains`).
 """
 
 from __future__ import annotations
@@ -106,15 +108,25 @@ def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(target_score[:, 0]), rank, MISS)
 
 
+def gains(ranks: np.ndarray, metric: str) -> np.ndarray:
+    """Per-user value of ``metric`` ("recall@K" or "ndcg@K") from 0-based target ranks: the
+    mean is the metric, and paired differences of two models give its standard error."""
+    name, k = metric.split("@")
+    hit = np.asarray(ranks) < int(k)
+    if name == "recall":
+        return hit.astype(np.float64)
+    if name == "ndcg":
+        return np.where(hit, 1.0 / np.log2(np.where(hit, ranks, 0) + 2.0), 0.0)
+    raise ValueError(f"unknown metric {metric!r}")
+
+
 def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
     """Recall@K and NDCG@K averaged over users from 0-based target ranks."""
-    ranks = np.asarray(ranks)
     out: dict[str, float] = {}
     for k in ks:
-        hit = ranks < k
-        out[f"recall@{k}"] = float(hit.mean()) if len(ranks) else 0.0
-        gain = np.where(hit, 1.0 / np.log2(np.where(hit, ranks, 0) + 2.0), 0.0)
-        out[f"ndcg@{k}"] = float(gain.mean()) if len(ranks) else 0.0
+        for name in ("recall", "ndcg"):
+            g = gains(ranks, f"{name}@{k}")
+            out[f"{name}@{k}"] = float(g.mean()) if len(g) else 0.0
     return out
 
 
@@ -125,15 +137,15 @@ def rank_metrics(
     return metrics_from_ranks(target_ranks(scores, np.asarray(targets)), ks)
 
 
-def evaluate_scorer(
+def scorer_ranks(
     score_fn: Callable[[np.ndarray], np.ndarray],
     split: Split,
     ds: Dataset,
     chunk: int = 256,
-    ks: Sequence[int] = KS,
     filter_seen: bool = True,
-) -> dict[str, float]:
-    """Evaluate ``score_fn(rows) -> (len(rows), I)`` on every split row, ``chunk`` rows at a time.
+) -> np.ndarray:
+    """Target ranks (len(split),) from ``score_fn(rows) -> (len(rows), I)``, ``chunk`` rows
+    at a time.
 
     ``rows`` are indices into ``split``; the scores are copied before seen items are masked,
     so ``score_fn`` may return a shared or read-only array (or a CPU tensor).
@@ -149,7 +161,19 @@ def evaluate_scorer(
         if filter_seen:
             mask_seen(scores, split, ds, rows)
         ranks[rows] = target_ranks(scores, split.target_items[rows])
-    return metrics_from_ranks(ranks, ks)
+    return ranks
+
+
+def evaluate_scorer(
+    score_fn: Callable[[np.ndarray], np.ndarray],
+    split: Split,
+    ds: Dataset,
+    chunk: int = 256,
+    ks: Sequence[int] = KS,
+    filter_seen: bool = True,
+) -> dict[str, float]:
+    """Recall/NDCG@K of :func:`scorer_ranks`."""
+    return metrics_from_ranks(scorer_ranks(score_fn, split, ds, chunk, filter_seen), ks)
 
 
 def filter_topk_seen(
@@ -170,16 +194,19 @@ def filter_topk_seen(
     return np.where(np.take_along_axis(drop, order, axis=1), -1, np.take_along_axis(topk, order, 1))
 
 
+def topk_ranks(topk_items: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Target ranks from ranked top-K lists (-1 padded; seen items already removed).
+
+    The target's rank is its first position in the list; a target not in the list is a
+    ``MISS``, and so a miss at every K, as is one beyond a list shorter than K.
+    """
+    topk = np.asarray(topk_items)
+    match = topk == np.asarray(targets)[:, None]  # (U, K)
+    return np.where(match.any(axis=1), match.argmax(axis=1), MISS)
+
+
 def rank_metrics_from_topk(
     topk_items: np.ndarray, targets: np.ndarray, ks: Sequence[int] = KS
 ) -> dict[str, float]:
-    """Metrics from ranked top-K lists (-1 padded; seen items already removed).
-
-    The target's rank is its first position in the list; a target not in the list, or a list
-    shorter than K, is a miss at that K.
-    """
-    topk = np.asarray(topk_items)
-    targets = np.asarray(targets)
-    match = topk == targets[:, None]  # (U, K)
-    ranks = np.where(match.any(axis=1), match.argmax(axis=1), MISS)
-    return metrics_from_ranks(ranks, ks)
+    """Recall/NDCG@K of :func:`topk_ranks`."""
+    return metrics_from_ranks(topk_ranks(topk_items, targets), ks)

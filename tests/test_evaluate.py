@@ -8,8 +8,8 @@ import torch
 
 from onerec.data.synthetic import SyntheticConfig, generate
 from onerec.embeddings import item_embeddings
-from onerec.evaluate import SIDIndex, evaluate_onerec, recommend_items
-from onerec.metrics import leave_last_out
+from onerec.evaluate import SIDIndex, onerec_ranks, recommend_items
+from onerec.metrics import leave_last_out, metrics_from_ranks
 from onerec.tokenizer import SemanticTokenizer, TokenizerConfig, collision_ranks
 from onerec.train import Catalog, build_model, model_config
 
@@ -54,7 +54,9 @@ def test_random_weights_at_wide_beams_only_return_real_items(tiny) -> None:
 def test_evaluate_gives_bounded_metrics(tiny) -> None:
     ds, catalog, model, index = tiny
     split = leave_last_out(ds)
-    metrics = evaluate_onerec(model, ds, catalog, index, split, beam_width=32, rows=np.arange(10))
+    ranks = onerec_ranks(model, ds, catalog, index, split, beam_width=32, rows=np.arange(10))
+    assert ranks.shape == (10,)
+    metrics = metrics_from_ranks(ranks)
     assert set(metrics) == {"recall@10", "ndcg@10", "recall@50", "ndcg@50"}
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert metrics["recall@50"] >= metrics["recall@10"]

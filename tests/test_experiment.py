@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
+
 from onerec.cli import main
-from onerec.experiment import targets
+from onerec.experiment import target_checks
+from onerec.metrics import MISS
 
 TINY_DATA = ["--users", "40", "--items", "150", "--max-history", "300", "--codebook-size", "8"]
 TINY_MODEL = ["--d-model", "32", "--lifelong-len", "50", "--positive-len", "32", "--n-queries", "8"]
@@ -29,22 +33,40 @@ def test_build_train_eval_writes_the_report(tmp_path) -> None:
         assert set(metrics) == {"recall@10", "ndcg@10", "recall@50", "ndcg@50"}
         assert all(0.0 <= v <= 1.0 for v in metrics.values())
     md = (reports / "eval.md").read_text()
-    assert "| oracle |" in md and "Recall@10 >= 2x popularity" in md
+    assert "| oracle |" in md and "Recall@10 >= 2x popularity" in md and " at 95%" in md
+    checks = report["datasets"]["tiny"]["targets"]
+    assert [c["what"] for c in checks] == ["Recall@10 >= 2x popularity", "Recall@10 >= SASRec"]
+    assert all(c["se"] >= 0.0 for c in checks)
 
     assert main(["export", "--artifacts", str(art)]) == 0
     exported = sorted(p.name for p in (art / "onnx").iterdir())
     assert exported == [*(f"decoder_step_{t}.onnx" for t in range(3)), "encoder.onnx"]
 
 
-def test_targets_say_reached_or_not() -> None:
-    row = {"recall@10": 0.0, "ndcg@10": 0.0, "recall@50": 0.0, "ndcg@50": 0.0}
-    models = {
-        "onerec": row | {"recall@10": 0.07, "ndcg@10": 0.03},
-        "popularity": row | {"recall@10": 0.04},
-        "sasrec": row | {"recall@10": 0.05, "ndcg@10": 0.04},
-    }
-    real = targets(models)
-    assert real == ["NDCG@10 >= SASRec: 0.0300 vs 0.0400, NOT reached (0.75x)"]
-    synthetic = targets(models | {"oracle": row})
+def hits(n_users: int, n_hits: int, rank: int = 0) -> np.ndarray:
+    """Ranks of ``n_users`` targets: the first ``n_hits`` at ``rank``, the rest missed."""
+    return np.where(np.arange(n_users) < n_hits, rank, MISS)
+
+
+def test_targets_say_reached_or_not_and_whether_within_noise() -> None:
+    ranks = {"onerec": hits(100, 7), "popularity": hits(100, 4), "sasrec": hits(100, 5)}
+    real = target_checks(ranks)
+    assert [c.what for c in real] == ["NDCG@10 >= SASRec"]
+    assert real[0].line().startswith("NDCG@10 >= SASRec: 0.0700 vs 0.0500, reached (1.40x;")
+    synthetic = [c.line() for c in target_checks(ranks | {"oracle": hits(100, 100)})]
     assert synthetic[0].startswith("Recall@10 >= 2x popularity: 0.0700 vs 0.0800, NOT reached")
-    assert synthetic[1] == "Recall@10 >= SASRec: 0.0700 vs 0.0500, reached (1.40x)"
+    # Users 5 and 6 alone differ: mean 0.02, sd 0.1407 over 100 users -> 1.96 SE = 0.0276.
+    assert synthetic[1] == (
+        "Recall@10 >= SASRec: 0.0700 vs 0.0500, reached (1.40x; "
+        "difference +0.0200 ± 0.0276 at 95%, within noise)"
+    )
+
+
+def test_the_standard_error_is_paired_over_users() -> None:
+    # SASRec hits a subset of OneRec's users: unpaired, 0.25 vs 0.20 on 400 users would be
+    # within noise (1.96 SE = 0.058); paired, only the 20 users that differ count.
+    ranks = {"onerec": hits(400, 100), "popularity": hits(400, 10), "sasrec": hits(400, 80)}
+    (check,) = target_checks(ranks)
+    assert check.ours - check.bar == pytest.approx(0.05 * (1 / np.log2(2)))
+    assert 1.96 * check.se == pytest.approx(0.0214, abs=1e-4)
+    assert not check.line().endswith("within noise)")

@@ -12,11 +12,14 @@ import pytest
 from onerec.data.loaders import load_source
 from onerec.data.schema import FLAGS, Dataset, make_events
 from onerec.metrics import (
+    MISS,
     Split,
     evaluate_scorer,
     filter_topk_seen,
+    gains,
     leave_last_out,
     mask_seen,
+    metrics_from_ranks,
     rank_metrics,
     rank_metrics_from_topk,
 )
@@ -162,3 +165,14 @@ def test_ml_latest_small_split(ml_latest_small: Path) -> None:
     ts = events["timestamp"].to_numpy()
     np.testing.assert_array_equal(ts[split.history_end], latest[split.users])
     assert (events["user_id"].cat.codes.to_numpy()[split.history_end] == split.users).all()
+
+
+def test_per_user_gains_average_to_the_metrics() -> None:
+    ranks = np.array([0, 3, 12, MISS])
+    assert gains(ranks, "ndcg@10").tolist() == pytest.approx([1.0, 1 / math.log2(5), 0.0, 0.0])
+    assert gains(ranks, "recall@50").tolist() == [1.0, 1.0, 1.0, 0.0]
+    metrics = metrics_from_ranks(ranks)
+    assert metrics["ndcg@50"] == pytest.approx(gains(ranks, "ndcg@50").mean())
+    assert metrics["recall@10"] == 0.5
+    with pytest.raises(ValueError, match="mrr@10"):
+        gains(ranks, "mrr@10")
