@@ -30,6 +30,7 @@ from onerec.experiment import (
     write_eval_report,
 )
 from onerec.export import export, parity
+from onerec.metrics import metrics_from_ranks
 from onerec.model import OneRecConfig
 from onerec.onnx_model import OnnxOneRec
 from onerec.pathways import EventArrays, build_pathways
@@ -266,7 +267,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "users": args.max_users or "all",
         "seconds": round(time.perf_counter() - started, 1),
     }
-    results = write_eval_report(args.name or artifacts.name, ranks, Path(args.reports), details)
+    results = {model: metrics_from_ranks(r) for model, r in ranks.items()}
+    checks = target_checks(ranks)
+    write_eval_report(args.name or artifacts.name, results, checks, Path(args.reports), details)
     table = Table(title=f"evaluation: {args.name or artifacts.name}")
     table.add_column("model")
     for metric in METRICS:
@@ -274,7 +277,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for model, m in results.items():
         table.add_row(model, *(f"{m[k]:.4f}" for k in METRICS))
     console.print(table)
-    for check in target_checks(ranks):
+    for check in checks:
         console.print(check.line())
     return 0
 

@@ -25,7 +25,7 @@ from onerec.baselines import PopularityModel, SASRecConfig, sasrec_scores, train
 from onerec.data.schema import Dataset
 from onerec.data.synthetic import oracle_scores
 from onerec.evaluate import SIDIndex, onerec_ranks
-from onerec.metrics import Split, gains, leave_last_out, metrics_from_ranks, scorer_ranks
+from onerec.metrics import Split, gains, leave_last_out, scorer_ranks
 from onerec.model import OneRec, OneRecConfig
 from onerec.semantic_ids import load_item_sids
 from onerec.tokenizer import SemanticTokenizer
@@ -170,16 +170,18 @@ def target_checks(ranks: dict[str, np.ndarray]) -> list[TargetCheck]:
 
 
 def write_eval_report(
-    name: str, ranks: dict[str, np.ndarray], reports: Path, details: dict[str, Any]
-) -> dict[str, dict[str, float]]:
-    """Merge one data set's rows into ``eval.json`` (shape fixed by DESIGN.md) and ``eval.md``;
-    returns the data set's metrics per model."""
-    results = {model: metrics_from_ranks(r) for model, r in ranks.items()}
-    checks = [asdict(c) for c in target_checks(ranks)]
+    name: str,
+    results: dict[str, dict[str, float]],
+    checks: list[TargetCheck],
+    reports: Path,
+    details: dict[str, Any],
+) -> None:
+    """Merge one data set's rows into ``eval.json`` (shape fixed by DESIGN.md) and ``eval.md``."""
     reports.mkdir(parents=True, exist_ok=True)
     path = reports / "eval.json"
     report = json.loads(path.read_text()) if path.is_file() else {"datasets": {}}
-    report["datasets"][name] = {"models": results, "targets": checks, **details}
+    targets = [asdict(c) for c in checks]
+    report["datasets"][name] = {"models": results, "targets": targets, **details}
     path.write_text(json.dumps(report, indent=2))
     lines = ["# Offline evaluation", "", "Leave-last-out, full ranking, seen items filtered.", ""]
     for ds_name, entry in report["datasets"].items():
@@ -198,4 +200,3 @@ def write_eval_report(
             lines += ["", "```", json.dumps(extra, indent=2), "```"]
         lines.append("")
     (reports / "eval.md").write_text("\n".join(lines))
-    return results

@@ -112,7 +112,8 @@ def gains(ranks: np.ndarray, metric: str) -> np.ndarray:
     """Per-user value of ``metric`` ("recall@K" or "ndcg@K") from 0-based target ranks: the
     mean is the metric, and paired differences of two models give its standard error."""
     name, k = metric.split("@")
-    hit = np.asarray(ranks) < int(k)
+    ranks = np.asarray(ranks)
+    hit = ranks < int(k)
     if name == "recall":
         return hit.astype(np.float64)
     if name == "ndcg":
