@@ -246,12 +246,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_minutes=args.minutes,
         threads=args.threads,
         seed=args.seed,
+        keep_best=args.keep_best,
     )
     result = train_artifacts(Path(args.artifacts), cfg, sizes, resume=args.resume)
     console.print(
         f"trained {result['parameters']:,} parameters on {result['samples']:,} samples: "
         f"loss {result['loss']:.3f}, {result['epochs']} epochs, {result['seconds']:.0f}s"
     )
+    if "best_epoch" in result:
+        console.print(
+            f"kept epoch {result['best_epoch']} (validation loss {result['validation_loss']:.3f})"
+        )
     return 0
 
 
@@ -604,6 +609,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-queries", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from model/checkpoint.pt")
+    p.add_argument(
+        "--keep-best",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.keep_best,
+        help="hold out each user's second-to-last event and keep the epoch that fits it best",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate against popularity, SASRec and the oracle")

@@ -59,6 +59,7 @@ def train_artifacts(
         train_cfg.samples_per_user,
         train_cfg.seed,
         train_cfg.targets_per_sample,
+        validation=train_cfg.keep_best,
     )
     result = train(model, source, train_cfg, artifacts / "model" / "checkpoint.pt", resume)
     result["parameters"] = sum(p.numel() for p in model.parameters())
@@ -70,7 +71,7 @@ def train_artifacts(
 def load_model(artifacts: Path, catalog: Catalog) -> OneRec:
     state = torch.load(artifacts / "model" / "checkpoint.pt", weights_only=False)
     model = build_model(OneRecConfig(**state["model_config"]), catalog)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["best"]["model"] if state.get("best") else state["model"])
     return model.eval()
 
 

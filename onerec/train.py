@@ -13,8 +13,14 @@ and a sample at cut ``c`` keeps the representatives before ``c``; compressing pe
 would cost ~0.5 s per 100k-event history. Evaluation and serving compress the exact
 history, so this shortcut only affects which past items training sees, never the test.
 
+With validation on, each user's second-to-last event is held out as well, and after every
+epoch the SID loss on those events decides which weights to keep: past its best epoch the
+model memorises the users' own items (on the synthetic set, doubling the 12-minute eval
+budget dropped validation Recall@10 from 0.070 to 0.048).
+
 AdamW with linear warm-up and cosine decay; checkpoints after every epoch hold model,
-optimiser, scheduler and RNG state, so ``resume=True`` continues where a run stopped.
+optimiser, scheduler and RNG state, and the best epoch's weights, so ``resume=True``
+continues where a run stopped.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class TrainConfig:
     max_minutes: float = 4.5
     threads: int = 2
     seed: int = 0
+    keep_best: bool = True  # validate on each user's second-to-last event, keep the best epoch
 
 
 @dataclass
@@ -111,10 +118,15 @@ class SampleSource:
         samples_per_user: int,
         seed: int,
         targets_per_sample: int = 1,
+        validation: bool = False,
     ) -> None:
         self.events = EventArrays.from_dataset(ds)
         self.catalog, self.cfg = catalog, cfg
         self.targets_per_sample = targets_per_sample
+        # Each user's last event is the test item; with validation, the one before it is
+        # never a training target either: its loss picks the epoch whose weights are kept.
+        self.validation = validation
+        self.held_out = 2 if validation else 1
         self.static = ds.users[ds.static_feature_columns()].to_numpy(np.int64)
         self.samples_per_user = samples_per_user
         self.draw(np.random.default_rng(seed))
@@ -128,11 +140,11 @@ class SampleSource:
         from 8.62 to 8.10 nats."""
         users, cuts = [], []
         lengths = np.diff(self.events.offsets)
-        for u in np.flatnonzero(lengths >= 3):  # per user, to draw its cuts; not a request path
-            n = lengths[u]
-            k = min(n - 2, self.samples_per_user)
+        for u in np.flatnonzero(lengths >= 2 + self.held_out):  # per user, to draw its cuts
+            end = lengths[u] - self.held_out  # the first held-out event
+            k = min(end - 1, self.samples_per_user)
             users.append(np.full(k, u))
-            cuts.append(rng.choice(np.arange(1, n - 1), size=k, replace=False))
+            cuts.append(rng.choice(np.arange(1, end), size=k, replace=False))
         self.users = np.concatenate(users) if users else np.zeros(0, np.int64)
         self.cuts = np.concatenate(cuts) if cuts else np.zeros(0, np.int64)
 
@@ -153,10 +165,36 @@ class SampleSource:
         return Compressed(full.positions[keep], full.weights[keep])
 
     def batch(self, idx: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Samples ``idx`` of the current draw; targets (B, M, L), the next items after each
+        cut up to the first held-out event, -1 padded."""
+        users, cuts = self.users[idx], self.cuts[idx]
+        ends = self.events.offsets[users + 1] - self.events.offsets[users] - self.held_out
+        return self._tensors(users, cuts, np.minimum(cuts + self.targets_per_sample, ends))
+
+    def validation_batches(
+        self, batch_size: int
+    ) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """Each user's validation event as the one target after a cut just before it."""
+        if not self.validation:
+            return []
+        lengths = np.diff(self.events.offsets)
+        users = np.flatnonzero(lengths >= 3)
+        cuts = lengths[users] - 2
+        return [
+            self._tensors(
+                users[i : i + batch_size], cuts[i : i + batch_size], cuts[i : i + batch_size] + 1
+            )
+            for i in range(0, len(users), batch_size)
+        ]
+
+    def _tensors(
+        self, users: np.ndarray, cuts: np.ndarray, stops: np.ndarray
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Pathways before each cut and the SIDs of events ``cut .. stop - 1``, -1 padded."""
+        width = int((stops - cuts).max(initial=1))
         samples, targets = [], []
-        for i in idx:  # one user per sample: batch preparation, outside the model
-            u, cut = int(self.users[i]), int(self.cuts[i])
-            h = self.events.user(u)
+        for u, cut, stop in zip(users.tolist(), cuts.tolist(), stops.tolist(), strict=True):
+            h = self.events.user(u)  # one user per sample: batch preparation, outside the model
             past = h.head(cut)
             samples.append(
                 build_pathways(
@@ -168,13 +206,11 @@ class SampleSource:
                     self._lifelong(u, cut),
                 )
             )
-            # The next items after the cut, never the held-out last event; -1 pads.
-            nxt = h.items[cut : min(cut + self.targets_per_sample, len(h) - 1)]
-            sids = np.full((self.targets_per_sample, self.catalog.sids.shape[1]), -1, np.int64)
-            sids[: len(nxt)] = self.catalog.sids[nxt]
+            sids = np.full((width, self.catalog.sids.shape[1]), -1, np.int64)
+            sids[: stop - cut] = self.catalog.sids[h.items[cut:stop]]
             targets.append(sids)
         batch = {k: torch.from_numpy(v) for k, v in collate(samples).items()}
-        return batch, torch.from_numpy(np.stack(targets))  # targets (B, M, L)
+        return batch, torch.from_numpy(np.stack(targets))
 
     def batches(self, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
         """A fresh draw of cuts, in batches of similar lifelong length (less padding), in
@@ -222,6 +258,8 @@ def train(
         opt, lambda s: _schedule(s, total, cfg.warmup_steps, time_progress())
     )
     rng = np.random.default_rng(cfg.seed)
+    validation = source.validation_batches(cfg.batch_size)
+    best: dict = {}  # epoch, loss and weights of the epoch with the lowest validation loss
     start_epoch = 0
     ckpt = Path(checkpoint) if checkpoint else None
     if resume and ckpt and ckpt.is_file():
@@ -232,6 +270,7 @@ def train(
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         start_epoch = state["epoch"]
+        best = state.get("best", {})
         clock["before"] = state.get("seconds", 0.0)
         log.info("resumed from %s at epoch %d", ckpt, start_epoch)
 
@@ -259,6 +298,12 @@ def train(
             bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
             if elapsed() / 60 > cfg.max_minutes:
                 break
+        if validation:
+            val_loss = validation_loss(model, validation)
+            model.train()
+            if not best or val_loss < best["loss"]:
+                best = {"epoch": epoch + 1, "loss": val_loss, "model": _copy(model.state_dict())}
+            log.info("epoch %d: validation loss %.4f", epoch + 1, val_loss)
         if ckpt:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             torch.save(
@@ -270,6 +315,7 @@ def train(
                     "torch_rng": torch.get_rng_state(),
                     "epoch": epoch + 1,
                     "seconds": elapsed(),
+                    "best": best,
                     "model_config": asdict(model.cfg),
                     "train_config": asdict(cfg),
                 },
@@ -280,5 +326,23 @@ def train(
                 "stopping at the %.1f-minute budget in epoch %d", cfg.max_minutes, epoch + 1
             )
             break
+    result = {"loss": loss_avg, "epochs": epoch + 1, "seconds": elapsed()}
+    if best:
+        model.load_state_dict(best["model"])
+        result |= {"best_epoch": best["epoch"], "validation_loss": best["loss"]}
     model.eval()
-    return {"loss": loss_avg, "epochs": epoch + 1, "seconds": elapsed()}
+    return result
+
+
+@torch.no_grad()
+def validation_loss(
+    model: OneRec, batches: list[tuple[dict[str, torch.Tensor], torch.Tensor]]
+) -> float:
+    """Mean SID cross-entropy of the validation events, in eval mode."""
+    model.eval()
+    total = sum(model.loss(inputs, targets).item() * len(targets) for inputs, targets in batches)
+    return total / sum(len(targets) for _, targets in batches)
+
+
+def _copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}

@@ -76,6 +76,59 @@ def test_multi_targets_are_the_next_items_and_stop_before_the_held_out_event(set
         assert (targets[i, n:] == -1).all()
 
 
+def test_validation_holds_out_each_users_second_to_last_event(setup) -> None:
+    ds, catalog, cfg = setup
+    source = SampleSource(
+        ds, catalog, cfg, samples_per_user=50, seed=0, targets_per_sample=4, validation=True
+    )
+    lengths = np.diff(source.events.offsets)
+    _, targets = source.batch(np.arange(len(source)))
+    for i in range(len(source)):  # training targets stop before the validation event
+        u, cut = int(source.users[i]), int(source.cuts[i])
+        n = min(4, lengths[u] - 2 - cut)
+        assert n >= 1
+        assert (targets[i, n:] == -1).all()
+    users = np.flatnonzero(lengths >= 3)
+    batches = source.validation_batches(batch_size=16)
+    got = np.concatenate([t.numpy() for _, t in batches])
+    assert got.shape == (len(users), 1, catalog.sids.shape[1])
+    items = source.events.items[source.events.offsets[users + 1] - 2]
+    np.testing.assert_array_equal(got[:, 0], catalog.sids[items])
+    inputs, _ = batches[0]  # the history ends right before the validation event
+    np.testing.assert_array_equal(
+        inputs["short_items"][:, 0].numpy(),
+        source.events.items[source.events.offsets[users[:16] + 1] - 3] + 1,
+    )
+
+
+def test_training_keeps_the_epoch_with_the_lowest_validation_loss(
+    setup, tmp_path, monkeypatch
+) -> None:
+    ds, catalog, cfg = setup
+    seen: list[dict[str, torch.Tensor]] = []
+    losses = iter([3.0, 1.0, 2.0])
+
+    def scripted(model, batches):
+        assert batches  # the validation events reach the check
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(losses)
+
+    monkeypatch.setattr("onerec.train.validation_loss", scripted)
+    torch.manual_seed(0)
+    model = build_model(cfg, catalog)
+    source = SampleSource(ds, catalog, cfg, samples_per_user=6, seed=0, validation=True)
+    tc = TrainConfig(epochs=3, batch_size=32, warmup_steps=5, threads=1, max_minutes=5)
+    ckpt = tmp_path / "ckpt.pt"
+    result = train(model, source, tc, checkpoint=ckpt, progress=False)
+    assert (result["best_epoch"], result["validation_loss"]) == (2, 1.0)
+    final = model.state_dict()
+    for name, value in seen[1].items():
+        torch.testing.assert_close(final[name], value, msg=name)
+    assert any(not torch.equal(final[k], v) for k, v in seen[2].items())
+    state = torch.load(ckpt, weights_only=False)
+    assert state["best"]["epoch"] == 2 and state["epoch"] == 3
+
+
 def test_loss_falls_below_what_the_target_marginals_allow(setup) -> None:
     """Beating the per-level marginal entropy needs the user's pathways, not just priors.
 
