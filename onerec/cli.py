@@ -153,6 +153,7 @@ def _build_model(out: Path, args: argparse.Namespace) -> None:
             f"trained {result['parameters']:,} parameters: loss {result['loss']:.3f} "
             f"in {result['seconds']:.0f}s"
         )
+        _print_kept_epoch(result)
     if args.until != "repository":
         return
     _, catalog, catalog_index = load_catalog(out)
@@ -253,11 +254,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"trained {result['parameters']:,} parameters on {result['samples']:,} samples: "
         f"loss {result['loss']:.3f}, {result['epochs']} epochs, {result['seconds']:.0f}s"
     )
+    _print_kept_epoch(result)
+    return 0
+
+
+def _print_kept_epoch(result: dict) -> None:
     if "best_epoch" in result:
         console.print(
             f"kept epoch {result['best_epoch']} (validation loss {result['validation_loss']:.3f})"
         )
-    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
