@@ -179,6 +179,7 @@ class SampleSource:
             return []
         lengths = np.diff(self.events.offsets)
         users = np.flatnonzero(lengths >= 3)
+        users = users[np.argsort(lengths[users], kind="stable")]  # similar lengths, less padding
         cuts = lengths[users] - 2
         return [
             self._tensors(
