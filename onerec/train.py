@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from copy import deepcopy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -126,7 +127,6 @@ class SampleSource:
         self.targets_per_sample = targets_per_sample
         # Each user's last event is the test item; with validation, the one before it is
         # never a training target either: its loss picks the epoch whose weights are kept.
-        self.validation = validation
         self.held_out = 2 if validation else 1
         self.static = ds.users[ds.static_feature_columns()].to_numpy(np.int64)
         self.samples_per_user = samples_per_user
@@ -176,7 +176,7 @@ class SampleSource:
         self, batch_size: int
     ) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         """Each user's validation event as the one target after a cut just before it."""
-        if not self.validation:
+        if self.held_out < 2:
             return []
         lengths = np.diff(self.events.offsets)
         users = np.flatnonzero(lengths >= 3)
@@ -302,9 +302,8 @@ def train(
                 break
         if validation:
             val_loss = validation_loss(model, validation)
-            model.train()
             if not best or val_loss < best["loss"]:
-                best = {"epoch": epoch + 1, "loss": val_loss, "model": _copy(model.state_dict())}
+                best = {"epoch": epoch + 1, "loss": val_loss, "model": deepcopy(model.state_dict())}
             log.info("epoch %d: validation loss %.4f", epoch + 1, val_loss)
         if ckpt:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -340,11 +339,9 @@ def train(
 def validation_loss(
     model: OneRec, batches: list[tuple[dict[str, torch.Tensor], torch.Tensor]]
 ) -> float:
-    """Mean SID cross-entropy of the validation events, in eval mode."""
+    """Mean SID cross-entropy of the validation events, in eval mode (MoE loads untouched)."""
+    training = model.training
     model.eval()
     total = sum(model.loss(inputs, targets).item() * len(targets) for inputs, targets in batches)
+    model.train(training)
     return total / sum(len(targets) for _, targets in batches)
-
-
-def _copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in state.items()}
