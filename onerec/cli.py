@@ -27,6 +27,7 @@ from onerec.experiment import (
     load_model,
     target_checks,
     train_artifacts,
+    training_summary,
     write_eval_report,
 )
 from onerec.export import export, parity
@@ -276,6 +277,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "beam_width": args.beam_width,
         "users": args.max_users or "all",
         "seconds": round(time.perf_counter() - started, 1),
+        "training": training_summary(artifacts),
     }
     results = {model: metrics_from_ranks(r) for model, r in ranks.items()}
     checks = target_checks(ranks)

@@ -100,7 +100,7 @@ def evaluate_artifacts(
     ranks["popularity"] = _score_rows(lambda r: popularity.scores(r), split, ds, rows)
 
     # Fair to SASRec: at least its epochs, and at least the wall time OneRec trained for.
-    onerec_seconds = _train_seconds(artifacts)
+    onerec_seconds = float(training_summary(artifacts).get("seconds", 0.0))
     sasrec = train_sasrec(
         ds, split, SASRecConfig(n_items=ds.n_items), sasrec_epochs, seed, min_seconds=onerec_seconds
     )
@@ -118,9 +118,11 @@ def evaluate_artifacts(
     return ranks
 
 
-def _train_seconds(artifacts: Path) -> float:
+def training_summary(artifacts: Path) -> dict[str, Any]:
+    """What ``onerec train`` recorded (epochs, kept epoch, seconds, ...); {} if untrained.
+    The eval report carries it, so its numbers say which weights produced them."""
     path = artifacts / "model" / "train.json"
-    return float(json.loads(path.read_text())["seconds"]) if path.is_file() else 0.0
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _score_rows(
