@@ -27,7 +27,6 @@ from onerec.experiment import (
     load_model,
     target_checks,
     train_artifacts,
-    training_summary,
     write_eval_report,
 )
 from onerec.export import export, parity
@@ -270,14 +269,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate OneRec against popularity, SASRec and (synthetic) the oracle."""
     artifacts = Path(args.artifacts)
     started = time.perf_counter()
-    ranks = evaluate_artifacts(
+    evaluation = evaluate_artifacts(
         artifacts, args.beam_width, args.sasrec_epochs, args.max_users, args.seed
     )
+    ranks = evaluation.ranks
     details = {
         "beam_width": args.beam_width,
         "users": args.max_users or "all",
         "seconds": round(time.perf_counter() - started, 1),
-        "training": training_summary(artifacts),
+        "training": evaluation.training,
     }
     results = {model: metrics_from_ranks(r) for model, r in ranks.items()}
     checks = target_checks(ranks)

@@ -75,14 +75,25 @@ def load_model(artifacts: Path, catalog: Catalog) -> OneRec:
     return model.eval()
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """Per-user target ranks of every model, and each trained model's training summary: with
+    best-epoch selection and time budgets, a table's numbers need to say which weights and
+    how much training produced them."""
+
+    ranks: dict[str, np.ndarray]
+    training: dict[str, dict[str, Any]]
+
+
 def evaluate_artifacts(
     artifacts: Path,
     beam_width: int = 128,
     sasrec_epochs: int = 30,
     max_users: int | None = None,
     seed: int = 0,
-) -> dict[str, np.ndarray]:
-    """Every model on one leave-last-out split: per-user target ranks, {"onerec": ranks, ...}."""
+) -> Evaluation:
+    """Every model on one leave-last-out split: per-user target ranks, {"onerec": ranks, ...},
+    and how each trained model was trained."""
     ds, catalog, index = load_catalog(artifacts)
     split = leave_last_out(ds)
     rows = np.arange(len(split))
@@ -100,27 +111,24 @@ def evaluate_artifacts(
     ranks["popularity"] = _score_rows(lambda r: popularity.scores(r), split, ds, rows)
 
     # Fair to SASRec: at least its epochs, and at least the wall time OneRec trained for.
-    onerec_seconds = float(training_summary(artifacts).get("seconds", 0.0))
+    onerec_training = training_summary(artifacts)
+    onerec_seconds = float(onerec_training.get("seconds", 0.0))
     sasrec = train_sasrec(
         ds, split, SASRecConfig(n_items=ds.n_items), sasrec_epochs, seed, min_seconds=onerec_seconds
     )
     ranks["sasrec"] = _score_rows(lambda r: sasrec_scores(sasrec, ds, split, r), split, ds, rows)
-    log.info(
-        "sasrec: %d epochs in %.0fs (onerec trained %.0fs)",
-        len(sasrec.train_losses),
-        sasrec.train_seconds,
-        onerec_seconds,
-    )
+    seconds = round(sasrec.train_seconds, 1)  # at least onerec_seconds: nonzero once trained
+    sasrec_training = {"epochs": len(sasrec.train_losses), "seconds": seconds}
+    log.info("sasrec: %s (onerec trained %.0fs)", sasrec_training, onerec_seconds)
 
     if ds.ground_truth is not None:
         gt = ds.ground_truth
         ranks["oracle"] = _score_rows(lambda r: oracle_scores(gt, split.users[r]), split, ds, rows)
-    return ranks
+    return Evaluation(ranks, {"onerec": onerec_training, "sasrec": sasrec_training})
 
 
 def training_summary(artifacts: Path) -> dict[str, Any]:
-    """What ``onerec train`` recorded (epochs, kept epoch, seconds, ...); {} if untrained.
-    The eval report carries it, so its numbers say which weights produced them."""
+    """What ``onerec train`` recorded (epochs, kept epoch, seconds, ...); {} if untrained."""
     path = artifacts / "model" / "train.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 

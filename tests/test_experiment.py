@@ -38,7 +38,8 @@ def test_build_train_eval_writes_the_report(tmp_path) -> None:
     assert [c["what"] for c in checks] == ["Recall@10 >= 2x popularity", "Recall@10 >= SASRec"]
     assert all(c["se"] >= 0.0 for c in checks)
     training = report["datasets"]["tiny"]["training"]  # which weights the numbers are from
-    assert training["epochs"] == 1 and training["best_epoch"] == 1
+    assert training["onerec"]["epochs"] == 1 and training["onerec"]["best_epoch"] == 1
+    assert training["sasrec"]["epochs"] >= 1 and training["sasrec"]["seconds"] > 0
 
     assert main(["export", "--artifacts", str(art)]) == 0
     exported = sorted(p.name for p in (art / "onnx").iterdir())
