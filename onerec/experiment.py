@@ -117,8 +117,10 @@ def evaluate_artifacts(
         ds, split, SASRecConfig(n_items=ds.n_items), sasrec_epochs, seed, min_seconds=onerec_seconds
     )
     ranks["sasrec"] = _score_rows(lambda r: sasrec_scores(sasrec, ds, split, r), split, ds, rows)
-    seconds = round(sasrec.train_seconds, 1)  # at least onerec_seconds: nonzero once trained
-    sasrec_training = {"epochs": len(sasrec.train_losses), "seconds": seconds}
+    sasrec_training = {
+        "epochs": len(sasrec.train_losses),
+        "seconds": round(sasrec.train_seconds, 1),
+    }
     log.info("sasrec: %s (onerec trained %.0fs)", sasrec_training, onerec_seconds)
 
     if ds.ground_truth is not None:
