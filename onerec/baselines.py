@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from onerec.data.schema import Dataset
 from onerec.metrics import Split
+from onerec.pathways import windows
 
 
 class PopularityModel:
@@ -156,13 +157,6 @@ class SASRec(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores of every catalog item from hidden states (..., H) -> (..., I)."""
         return hidden @ self.item_emb.weight[1:].T
-
-
-def windows(items: np.ndarray, start: np.ndarray, end: np.ndarray, length: int) -> np.ndarray:
-    """Tokens of ``items[max(start, end - length):end]`` for each row, left-padded: (B, length)."""
-    pos = end[:, None] - length + np.arange(length)  # (B, length) event indices
-    valid = pos >= start[:, None]
-    return np.where(valid, items[np.clip(pos, 0, None)] + 1, 0).astype(np.int64)
 
 
 def train_sasrec(

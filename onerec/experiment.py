@@ -62,7 +62,9 @@ def train_artifacts(
         validation=train_cfg.keep_best,
     )
     result = train(model, source, train_cfg, artifacts / "model" / "checkpoint.pt", resume)
-    result["parameters"] = sum(p.numel() for p in model.parameters())
+    result["parameters"] = sum(  # the served model's: the next-item objective is training-only
+        p.numel() for name, p in model.named_parameters() if not name.startswith("next_item.")
+    )
     result["samples"] = len(source)
     (artifacts / "model" / "train.json").write_text(json.dumps(result, indent=2))
     return result
@@ -70,7 +72,8 @@ def train_artifacts(
 
 def load_model(artifacts: Path, catalog: Catalog) -> OneRec:
     state = torch.load(artifacts / "model" / "checkpoint.pt", weights_only=False)
-    model = build_model(OneRecConfig(**state["model_config"]), catalog)
+    # Checkpoints from before the next-item objective have no weights for it.
+    model = build_model(OneRecConfig(**{"next_item_window": 0, **state["model_config"]}), catalog)
     model.load_state_dict(state["best"]["model"] if state.get("best") else state["model"])
     return model.eval()
 

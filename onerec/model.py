@@ -9,6 +9,8 @@ Read top to bottom:
   reduced by a QFormer (:class:`QFormer`) to ``n_queries`` tokens.
 * :class:`SIDDecoder` -- BOS + one embedding table per SID level; causal self-attention,
   cross-attention to the encoder and a mixture-of-experts FFN; one head per level.
+* :class:`NextItemObjective` -- a training-only auxiliary loss that teaches the item-ID
+  table item-to-item transitions; serving never runs it.
 * :func:`flops_per_request` -- matmul FLOPs of one request from the config and the request's
   pathway lengths.
 
@@ -57,6 +59,8 @@ class OneRecConfig:
     top_k: int = 2
     d_expert: int = 128
     dropout: float = 0.0  # CPU dropout masks cost half a step; the model is step-starved
+    next_item_window: int = 50  # training only: see NextItemObjective; 0 turns it off
+    next_item_negatives: int = 2048
 
     @property
     def head_dim(self) -> int:
@@ -399,6 +403,47 @@ class SIDDecoder(nn.Module):
         return F.log_softmax(self.heads[t](h), dim=-1).expand(b, w, -1)
 
 
+class NextItemObjective(nn.Module):
+    """Dense next-item supervision for the item-ID table, in training only.
+
+    One encoder pass gives the SID loss a handful of targets, and the item-ID table gets
+    its gradient only through the pathways; SASRec learns from a target at every position
+    of its window. This small causal transformer reads the user's last
+    ``next_item_window`` items and scores each one's successor against that same table
+    (sampled softmax over uniform negatives), so the table learns the transitions the
+    pathways then read. On ml-latest-small it raised validation NDCG@10 from 0.034-0.038 to
+    0.040. It is not part of the encoder: serving, export and the FLOP count never see it.
+    """
+
+    def __init__(self, cfg: OneRecConfig) -> None:
+        super().__init__()
+        self.n_items, self.negatives = cfg.n_items, cfg.next_item_negatives
+        self.pos = nn.Embedding(cfg.next_item_window, cfg.d_model)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(2))
+        self.ln = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, items: nn.Embedding, window: torch.Tensor) -> torch.Tensor:
+        """Mean loss; ``window`` (B, next_item_window + 1) holds item tokens, left-padded
+        with 0, and each position's target is the token after it."""
+        ids, targets = window[:, :-1], window[:, 1:]
+        t = ids.shape[1]
+        x = items(ids) * math.sqrt(items.embedding_dim) + self.pos.weight[:t]
+        causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
+        # Padding is never a key, except to itself, so no row of the mask is empty.
+        mask = (causal & (ids > 0)[:, None, :]) | torch.eye(t, dtype=torch.bool, device=ids.device)
+        for layer in self.layers:
+            x = layer(x, mask[:, None])
+        real = (ids > 0) & (targets > 0)
+        h, target = self.ln(x)[real], targets[real]  # (N, d), (N,)
+        negatives = torch.randint(1, self.n_items + 1, (self.negatives,), device=ids.device)
+        positive = (h * items.weight[target]).sum(-1, keepdim=True)
+        negative = (h @ items.weight[negatives].T).masked_fill(
+            negatives == target[:, None], float("-inf")
+        )
+        logits = torch.cat([positive, negative], dim=1)
+        return F.cross_entropy(logits, torch.zeros(len(h), dtype=torch.long, device=h.device))
+
+
 def _init(module: nn.Module) -> None:
     """Small GPT-style init: summed token features and tied heads start near uniform."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -429,13 +474,22 @@ class OneRec(nn.Module):
         self.apply(_init)
         for head, codes in zip(self.decoder.heads, self.decoder.codes, strict=True):
             head.weight = codes.weight  # tied: the logit of a code is its embedding's match
+        # Built last, so the served weights start the same with the objective or without.
+        self.next_item = NextItemObjective(cfg).apply(_init) if cfg.next_item_window else None
 
-    def loss(self, inputs: dict[str, torch.Tensor], target_sids: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self,
+        inputs: dict[str, torch.Tensor],
+        target_sids: torch.Tensor,
+        recent: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Mean next-token cross-entropy over the SID levels of the targets.
 
         ``target_sids`` is (B, L) for one target per user or (B, M, L) for M targets that
         share one encoder pass (the next items after the cut, decoded independently, like
-        beams); rows of -1 are padding and are ignored.
+        beams); rows of -1 are padding and are ignored. With ``recent``, the window of
+        item tokens that ends at the first target, :class:`NextItemObjective`'s loss is
+        added.
         """
         if target_sids.dim() == 2:
             target_sids = target_sids[:, None]
@@ -450,7 +504,10 @@ class OneRec(nn.Module):
             )
             for i in range(self.cfg.sid_levels)
         ]
-        return torch.stack(losses).mean()
+        sid_loss = torch.stack(losses).mean()
+        if recent is None or self.next_item is None:
+            return sid_loss
+        return sid_loss + self.next_item(self.encoder.item, recent)
 
     def moe_layers(self) -> list[MoE]:
         return [layer.moe for layer in self.decoder.layers]

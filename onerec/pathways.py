@@ -123,6 +123,13 @@ def build_pathways(
     }
 
 
+def windows(items: np.ndarray, start: np.ndarray, end: np.ndarray, length: int) -> np.ndarray:
+    """Tokens of ``items[max(start, end - length):end]`` for each row, left-padded: (B, length)."""
+    pos = end[:, None] - length + np.arange(length)  # (B, length) event indices
+    valid = pos >= start[:, None]
+    return np.where(valid, items[np.clip(pos, 0, None)] + 1, 0).astype(np.int64)
+
+
 def request_flops(cfg: OneRecConfig, beam_width: int, pathways: dict[str, np.ndarray]) -> int:
     """:func:`onerec.model.flops_per_request` at this request's own pathway lengths: the
     one definition the server's MFU and the benchmark's both use."""

@@ -19,6 +19,9 @@ model memorises the users' own items (on the synthetic set, doubling the 12-minu
 budget dropped validation Recall@10 from 0.070 to 0.048;
 keeping the best epoch, 5 of 10, held it at 0.067).
 
+Each batch also carries, per sample, the item tokens of the ``next_item_window`` events
+before its cut and the one at it, for the model's training-only next-item objective.
+
 AdamW with linear warm-up and cosine decay; checkpoints after every epoch hold model,
 optimiser, scheduler and RNG state, and the best epoch's weights, so ``resume=True``
 continues where a run stopped.
@@ -41,7 +44,7 @@ from tqdm import tqdm
 from onerec.data.schema import Dataset
 from onerec.lifelong import Compressed, compress_history
 from onerec.model import OneRec, OneRecConfig
-from onerec.pathways import EventArrays, build_pathways, collate
+from onerec.pathways import EventArrays, build_pathways, collate, windows
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +168,26 @@ class SampleSource:
         keep = full.positions < cut
         return Compressed(full.positions[keep], full.weights[keep])
 
-    def batch(self, idx: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Samples ``idx`` of the current draw; targets (B, M, L), the next items after each
-        cut up to the first held-out event, -1 padded."""
+    def batch(
+        self, idx: np.ndarray
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        """Samples ``idx`` of the current draw: pathways; targets (B, M, L), the next items
+        after each cut up to the first held-out event, -1 padded; and, for the model's
+        next-item objective, the item tokens of the ``next_item_window`` events before each
+        cut and the one at it (None when the model has no such objective)."""
         users, cuts = self.users[idx], self.cuts[idx]
-        ends = self.events.offsets[users + 1] - self.events.offsets[users] - self.held_out
-        return self._tensors(users, cuts, np.minimum(cuts + self.targets_per_sample, ends))
+        starts = self.events.offsets[users]
+        ends = self.events.offsets[users + 1] - starts - self.held_out
+        inputs, targets = self._tensors(
+            users, cuts, np.minimum(cuts + self.targets_per_sample, ends)
+        )
+        window = self.cfg.next_item_window
+        recent = (
+            torch.from_numpy(windows(self.events.items, starts, starts + cuts + 1, window + 1))
+            if window
+            else None
+        )
+        return inputs, targets, recent
 
     def validation_batches(
         self, batch_size: int
@@ -287,8 +304,8 @@ def train(
             disable=not progress,
         )
         for idx in bar:
-            inputs, targets = source.batch(idx)
-            loss = model.loss(inputs, targets)
+            inputs, targets, recent = source.batch(idx)
+            loss = model.loss(inputs, targets, recent)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -66,7 +66,7 @@ def test_multi_targets_are_the_next_items_and_stop_before_the_held_out_event(set
     ds, catalog, cfg = setup
     source = SampleSource(ds, catalog, cfg, samples_per_user=50, seed=0, targets_per_sample=4)
     idx = np.arange(len(source))
-    _, targets = source.batch(idx)
+    _, targets, _ = source.batch(idx)
     assert targets.shape == (len(source), 4, catalog.sids.shape[1])
     for i in idx:
         u, cut = int(source.users[i]), int(source.cuts[i])
@@ -76,13 +76,28 @@ def test_multi_targets_are_the_next_items_and_stop_before_the_held_out_event(set
         assert (targets[i, n:] == -1).all()
 
 
+def test_next_item_windows_end_at_each_cut_with_the_first_target(setup) -> None:
+    ds, catalog, cfg = setup
+    source = SampleSource(ds, catalog, cfg, samples_per_user=50, seed=0)
+    idx = np.arange(len(source))
+    _, targets, recent = source.batch(idx)
+    width = cfg.next_item_window + 1
+    assert recent.shape == (len(source), width)
+    for i in idx:
+        u, cut = int(source.users[i]), int(source.cuts[i])
+        items = source.events.user(u).items[max(0, cut + 1 - width) : cut + 1] + 1
+        np.testing.assert_array_equal(recent[i, width - len(items) :], items)
+        assert (recent[i, : width - len(items)] == 0).all()  # left-padded
+    np.testing.assert_array_equal(catalog.sids[recent[:, -1] - 1], targets[:, 0])
+
+
 def test_validation_holds_out_each_users_second_to_last_event(setup) -> None:
     ds, catalog, cfg = setup
     source = SampleSource(
         ds, catalog, cfg, samples_per_user=50, seed=0, targets_per_sample=4, validation=True
     )
     lengths = np.diff(source.events.offsets)
-    _, targets = source.batch(np.arange(len(source)))
+    _, targets, _ = source.batch(np.arange(len(source)))
     for i in range(len(source)):  # training targets stop before the validation event
         u, cut = int(source.users[i]), int(source.cuts[i])
         n = min(4, lengths[u] - 2 - cut)
@@ -136,7 +151,7 @@ def test_loss_falls_below_what_the_target_marginals_allow(setup) -> None:
     Measured on the last epoch's cuts, which the model met once (cuts are drawn afresh
     each epoch), so it takes enough epochs to learn rather than memorise."""
     model, source, _ = _run(setup, epochs=24)
-    inputs, targets = source.batch(np.arange(len(source)))
+    inputs, targets, _ = source.batch(np.arange(len(source)))
     targets = targets[:, 0]  # (B, L): the item right after each cut
     marginal = []
     for level in range(targets.shape[1]):
