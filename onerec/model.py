@@ -411,8 +411,10 @@ class NextItemObjective(nn.Module):
     of its window. This small causal transformer reads the user's last
     ``next_item_window`` items and scores each one's successor against that same table
     (sampled softmax over uniform negatives), so the table learns the transitions the
-    pathways then read. On ml-latest-small it raised validation NDCG@10 from 0.034-0.038 to
-    0.040. It is not part of the encoder: serving, export and the FLOP count never see it.
+    pathways then read. With it, `make eval`'s synthetic Recall@10 rose from 0.0705 to
+    0.0795 and the validation SID loss fell on both data sets; a 200-item window trained
+    fewer epochs in the same time and did no better. It is not part of the encoder:
+    serving, export and the FLOP count never see it.
     """
 
     def __init__(self, cfg: OneRecConfig) -> None:
