@@ -219,7 +219,7 @@ def test_next_item_objective_learns_transitions_through_the_shared_item_table() 
     assert model.encoder.item.weight.grad.abs().sum() > 0
 
 
-def test_next_item_objective_adds_to_the_sid_loss_and_handles_all_padding() -> None:
+def test_next_item_objective_adds_to_the_sid_loss_and_handles_padded_windows() -> None:
     model = _model(SMALL)
     inputs = _inputs(SMALL, 2, 30)
     targets = torch.randint(0, SMALL.codebook_size, (2, SMALL.sid_levels))
