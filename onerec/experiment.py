@@ -62,9 +62,7 @@ def train_artifacts(
         validation=train_cfg.keep_best,
     )
     result = train(model, source, train_cfg, artifacts / "model" / "checkpoint.pt", resume)
-    result["parameters"] = sum(  # the served model's: the next-item objective is training-only
-        p.numel() for name, p in model.named_parameters() if not name.startswith("next_item.")
-    )
+    result["parameters"] = model.served_parameters()
     result["samples"] = len(source)
     (artifacts / "model" / "train.json").write_text(json.dumps(result, indent=2))
     return result

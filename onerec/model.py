@@ -511,6 +511,11 @@ class OneRec(nn.Module):
             return sid_loss
         return sid_loss + self.next_item(self.encoder.item, recent)
 
+    def served_parameters(self) -> int:
+        """Parameters of what serving runs: all but the training-only next-item objective."""
+        training_only = {id(p) for p in self.next_item.parameters()} if self.next_item else set()
+        return sum(p.numel() for p in self.parameters() if id(p) not in training_only)
+
     def moe_layers(self) -> list[MoE]:
         return [layer.moe for layer in self.decoder.layers]
 

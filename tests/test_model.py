@@ -231,5 +231,7 @@ def test_next_item_objective_adds_to_the_sid_loss_and_handles_padded_windows() -
     assert torch.isfinite(both) and both > sid
     without = _model(dataclasses.replace(SMALL, next_item_window=0))
     assert without.next_item is None
+    assert model.served_parameters() == without.served_parameters()
+    assert without.served_parameters() == sum(p.numel() for p in without.parameters())
     with torch.no_grad():  # same seed, same weights: the objective changes no served output
         torch.testing.assert_close(without.loss(inputs, targets, recent), sid)
