@@ -150,7 +150,7 @@ def _build_model(out: Path, args: argparse.Namespace) -> None:
     else:
         result = train_artifacts(out, TrainConfig(max_minutes=args.minutes), {})
         console.print(
-            f"trained {result['parameters']:,} parameters: loss {result['loss']:.3f} "
+            f"trained {result['parameters']:,} parameters: {_losses_text(result)} "
             f"in {result['seconds']:.0f}s"
         )
         _print_kept_epoch(result)
@@ -252,10 +252,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train_artifacts(Path(args.artifacts), cfg, sizes, resume=args.resume)
     console.print(
         f"trained {result['parameters']:,} parameters on {result['samples']:,} samples: "
-        f"loss {result['loss']:.3f}, {result['epochs']} epochs, {result['seconds']:.0f}s"
+        f"{_losses_text(result)}, {result['epochs']} epochs, {result['seconds']:.0f}s"
     )
     _print_kept_epoch(result)
     return 0
+
+
+def _losses_text(result: dict) -> str:
+    text = f"SID loss {result['loss']:.3f}"
+    if "next_item_loss" in result:
+        text += f", next-item loss {result['next_item_loss']:.3f}"
+    return text
 
 
 def _print_kept_epoch(result: dict) -> None:

@@ -479,26 +479,27 @@ class OneRec(nn.Module):
         # Built last, so the served weights start the same with the objective or without.
         self.next_item = NextItemObjective(cfg).apply(_init) if cfg.next_item_window else None
 
-    def loss(
+    def losses(
         self,
         inputs: dict[str, torch.Tensor],
         target_sids: torch.Tensor,
         recent: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Mean next-token cross-entropy over the SID levels of the targets.
+    ) -> dict[str, torch.Tensor]:
+        """The training objectives by name: ``"sid"``, the mean next-token cross-entropy over
+        the SID levels of the targets, and, with ``recent`` (the window of item tokens that
+        ends at the first target), ``"next_item"``, :class:`NextItemObjective`'s loss.
 
         ``target_sids`` is (B, L) for one target per user or (B, M, L) for M targets that
         share one encoder pass (the next items after the cut, decoded independently, like
-        beams); rows of -1 are padding and are ignored. With ``recent``, the window of
-        item tokens that ends at the first target, :class:`NextItemObjective`'s loss is
-        added.
+        beams); rows of -1 are padding and are ignored. They are kept apart so that training
+        can report the SID loss on the same scale as the validation loss.
         """
         if target_sids.dim() == 2:
             target_sids = target_sids[:, None]
         memory, keep = self.encoder(**inputs)
         kv = self.decoder.cross_kv(memory)
         h = self.decoder.hidden(target_sids[..., :-1].clamp(min=0), kv, keep)  # (B, M, L, d)
-        losses = [
+        levels = [
             F.cross_entropy(
                 self.decoder.heads[i](h[:, :, i]).flatten(0, 1),
                 target_sids[:, :, i].flatten(),
@@ -506,10 +507,19 @@ class OneRec(nn.Module):
             )
             for i in range(self.cfg.sid_levels)
         ]
-        sid_loss = torch.stack(losses).mean()
-        if recent is None or self.next_item is None:
-            return sid_loss
-        return sid_loss + self.next_item(self.encoder.item, recent)
+        parts = {"sid": torch.stack(levels).mean()}
+        if recent is not None and self.next_item is not None:
+            parts["next_item"] = self.next_item(self.encoder.item, recent)
+        return parts
+
+    def loss(
+        self,
+        inputs: dict[str, torch.Tensor],
+        target_sids: torch.Tensor,
+        recent: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The sum of :meth:`losses`: what training minimises."""
+        return torch.stack(list(self.losses(inputs, target_sids, recent).values())).sum()
 
     def served_parameters(self) -> int:
         """Parameters of what serving runs: all but the training-only next-item objective."""

@@ -258,7 +258,9 @@ def train(
     resume: bool = False,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Train in place; returns final loss, epochs run and seconds."""
+    """Train in place; returns epochs run, seconds and the moving average of each objective:
+    ``"loss"`` is the SID loss, on the scale of ``"validation_loss"``; the next-item
+    objective's, when the model has it, is ``"next_item_loss"``."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -294,7 +296,7 @@ def train(
         log.info("resumed from %s at epoch %d", ckpt, start_epoch)
 
     clock["started"] = time.perf_counter()
-    loss_avg = float("nan")
+    averages: dict[str, float] = {}  # moving average of each objective, for the bar and result
     epoch = start_epoch
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
@@ -305,7 +307,8 @@ def train(
         )
         for idx in bar:
             inputs, targets, recent = source.batch(idx)
-            loss = model.loss(inputs, targets, recent)
+            parts = model.losses(inputs, targets, recent)
+            loss = sum(parts.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -313,8 +316,13 @@ def train(
             sched.step()
             for moe in model.moe_layers():
                 moe.update_bias()
-            loss_avg = loss.item() if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * loss.item()
-            bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+            for name, part in parts.items():
+                value = part.item()
+                averages[name] = 0.98 * averages.get(name, value) + 0.02 * value
+            bar.set_postfix(
+                {name: f"{value:.3f}" for name, value in averages.items()}
+                | {"lr": f"{sched.get_last_lr()[0]:.1e}"}
+            )
             if elapsed() / 60 > cfg.max_minutes:
                 break
         if validation:
@@ -344,7 +352,12 @@ def train(
                 "stopping at the %.1f-minute budget in epoch %d", cfg.max_minutes, epoch + 1
             )
             break
-    result = {"loss": loss_avg, "epochs": epoch + 1, "seconds": elapsed()}
+    result = {
+        "loss": averages.get("sid", float("nan")),  # the SID loss, as validation_loss
+        **{f"{name}_loss": value for name, value in averages.items() if name != "sid"},
+        "epochs": epoch + 1,
+        "seconds": elapsed(),
+    }
     if best:
         model.load_state_dict(best["model"])
         result |= {"best_epoch": best["epoch"], "validation_loss": best["loss"]}

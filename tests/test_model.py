@@ -227,8 +227,14 @@ def test_next_item_objective_adds_to_the_sid_loss_and_handles_padded_windows() -
     recent[:, -2:] = torch.tensor([[5, 6], [7, 8]])  # one (input, target) pair per row
     with torch.no_grad():
         sid = model.loss(inputs, targets)
+        torch.manual_seed(1)  # the same sampled negatives for both calls
         both = model.loss(inputs, targets, recent)
+        torch.manual_seed(1)
+        parts = model.losses(inputs, targets, recent)
     assert torch.isfinite(both) and both > sid
+    assert set(parts) == {"sid", "next_item"}
+    torch.testing.assert_close(parts["sid"], sid)
+    torch.testing.assert_close(parts["sid"] + parts["next_item"], both)
     without = _model(dataclasses.replace(SMALL, next_item_window=0))
     assert without.next_item is None
     assert model.served_parameters() == without.served_parameters()

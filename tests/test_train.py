@@ -8,6 +8,7 @@ import torch
 
 from onerec.data.synthetic import SyntheticConfig, generate
 from onerec.embeddings import item_embeddings
+from onerec.model import OneRec
 from onerec.tokenizer import SemanticTokenizer, TokenizerConfig
 from onerec.train import Catalog, SampleSource, TrainConfig, build_model, model_config, train
 
@@ -143,6 +144,28 @@ def test_training_keeps_the_epoch_with_the_lowest_validation_loss(
     assert any(not torch.equal(final[k], v) for k, v in seen[2].items())
     state = torch.load(ckpt, weights_only=False)
     assert state["best"]["epoch"] == 2 and state["epoch"] == 3
+
+
+def test_training_reports_each_objective_as_its_own_moving_average(setup, monkeypatch) -> None:
+    """``"loss"`` is the SID loss alone, on the scale of the validation loss; the
+    next-item objective, which training adds to it, is reported beside it."""
+    seen: dict[str, list[float]] = {"sid": [], "next_item": []}
+    real_losses = OneRec.losses
+
+    def recording(self, *args):
+        parts = real_losses(self, *args)
+        for name, part in parts.items():
+            seen[name].append(part.item())
+        return parts
+
+    monkeypatch.setattr(OneRec, "losses", recording)
+    _, _, result = _run(setup, epochs=1)
+    for name, key in (("sid", "loss"), ("next_item", "next_item_loss")):
+        average = seen[name][0]
+        for value in seen[name][1:]:
+            average = 0.98 * average + 0.02 * value
+        assert result[key] == pytest.approx(average), name
+    assert len(seen["sid"]) == len(seen["next_item"]) > 1
 
 
 def test_loss_falls_below_what_the_target_marginals_allow(setup) -> None:
