@@ -519,7 +519,7 @@ class OneRec(nn.Module):
         recent: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The sum of :meth:`losses`: what training minimises."""
-        return torch.stack(list(self.losses(inputs, target_sids, recent).values())).sum()
+        return sum(self.losses(inputs, target_sids, recent).values())
 
     def served_parameters(self) -> int:
         """Parameters of what serving runs: all but the training-only next-item objective."""
