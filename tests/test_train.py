@@ -209,7 +209,9 @@ def test_resume_continues_where_it_stopped(setup, tmp_path, monkeypatch) -> None
     # A new process rebuilds the model from scratch and resumes from the file.
     resumed, _, result = _run(setup, epochs=2, checkpoint=ckpt, resume=True)
     assert result["epochs"] == 2
+    # Float rounding differs from run to run by up to ~2e-5 since the next-item objective's
+    # large matmuls; a resume that replays other batches or negatives is off by far more.
     for (name, a), b in zip(
         straight.state_dict().items(), resumed.state_dict().values(), strict=True
     ):
-        torch.testing.assert_close(a, b, msg=name)
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
