@@ -107,8 +107,9 @@ def check_encoder_request(request: dict[str, np.ndarray], cfg: OneRecConfig) -> 
 
 def encode_batch(
     encoder: OnnxEncoder, requests: Sequence[dict[str, np.ndarray]]
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Valid requests -> per request (keep (rows, T), cross_kv (rows, 2 * layers, h, T, dh)).
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Valid requests -> per request (keep (rows, T), cross_kv (rows, 2 * layers, h, T, dh),
+    user (rows, d)).
 
     Every row is padded to the batch's longest sequences; ``keep`` marks the padding,
     which the decoder masks. Call :func:`check_encoder_request` first.
@@ -118,10 +119,11 @@ def encode_batch(
         for r in requests
         for i in range(r["static"].shape[0])
     ]
-    keep, kv = encoder.encode(collate(samples))
+    keep, kv, user = encoder.encode(collate(samples))
     cross_kv = np.stack(kv, axis=1)  # (N, 2 * layers, h, T, dh)
     bounds = np.cumsum([r["static"].shape[0] for r in requests])[:-1]
-    return list(zip(np.split(keep, bounds), np.split(cross_kv, bounds), strict=True))
+    parts = (np.split(a, bounds) for a in (keep, cross_kv, user))
+    return list(zip(*parts, strict=True))
 
 
 @dataclass(frozen=True)

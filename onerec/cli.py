@@ -270,6 +270,9 @@ def _print_kept_epoch(result: dict) -> None:
         console.print(
             f"kept epoch {result['best_epoch']} (validation loss {result['validation_loss']:.3f})"
         )
+    if "rank_weight" in result:
+        fit = ", ".join(f"{w}: {v:.4f}" for w, v in result["rank_weight_ndcg@10"].items())
+        console.print(f"ranking-stage weight {result['rank_weight']} (validation NDCG@10 {fit})")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

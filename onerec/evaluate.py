@@ -1,10 +1,12 @@
 """Offline decoding and evaluation of the OneRec model under the leave-last-out protocol.
 
-:func:`recommend_items` is the offline reference of what serving does: build the four
-pathways from the history before the held-out event, encode once, run the trie-constrained
-beam search, and expand each SID into its items in collision-rank order (the catalog
-rule). :func:`onerec_ranks` turns those ranked lists, seen items removed, into per-user
-target ranks, exactly as :mod:`onerec.metrics` does for the score-based baselines.
+:func:`candidates` and :meth:`Candidates.ranked` are the offline reference of what serving
+does: build the four pathways from the history before the held-out event, encode once,
+run the trie-constrained beam search, expand each SID into its items in collision-rank
+order (the catalog rule), and order those items by the model's ranking stage
+(:mod:`onerec.ranking`, weighted as :func:`fit_rank_weight` fitted it).
+:func:`onerec_ranks` turns those ranked lists, seen items removed, into per-user target
+ranks, exactly as :mod:`onerec.metrics` does for the score-based baselines.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import torch
 from onerec.beam_search import constrained_beam_search
 from onerec.data.schema import Dataset
 from onerec.lifelong import compress_history
-from onerec.metrics import Split, filter_topk_seen, topk_ranks
+from onerec.metrics import Split, filter_topk_seen, metrics_from_ranks, topk_ranks
 from onerec.model import OneRec
 from onerec.pathways import EventArrays, build_pathways, collate
+from onerec.ranking import rank_candidates
 from onerec.train import Catalog
 from onerec.trie import SIDTrie
 
@@ -40,8 +43,9 @@ class SIDIndex:
         offsets = np.searchsorted(leaf[order], np.arange(len(trie) + 1))
         return cls(trie, offsets, order)
 
-    def expand(self, leaves: np.ndarray) -> np.ndarray:
-        """(B, W) ranked leaves (-1 = none) -> (B, M) ranked items, -1 padded."""
+    def expand(self, leaves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, W) ranked leaves (-1 = none) -> (B, M) ranked items, and the column of
+        ``leaves`` each came from; both -1 padded."""
         b, w = leaves.shape
         flat = leaves.ravel()
         counts = np.where(flat >= 0, self.offsets[flat + 1] - self.offsets[np.maximum(flat, 0)], 0)
@@ -54,11 +58,31 @@ class SIDIndex:
         col = np.arange(len(row)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
         out = np.full((b, width), -1, np.int64)
         out[row, col] = items
-        return out
+        source = np.full((b, width), -1, np.int64)
+        source[row, col] = np.repeat(np.tile(np.arange(w), b), counts)
+        return out, source
+
+
+RANK_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0)  # 0: beam order alone; 1: a product of experts
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The beam's items for a batch of users, before the ranking stage orders them."""
+
+    items: np.ndarray  # (B, M) item rows in beam order, -1 padded, seen items included
+    sid_logp: np.ndarray  # (B, M) the log-probability of each item's SID
+    users: np.ndarray  # (B, d) the ranking stage's user vectors, before its weight
+
+    def ranked(self, table: np.ndarray, weight: float) -> np.ndarray:
+        """(B, M) items in ranking-stage order (:func:`onerec.ranking.rank_candidates`)."""
+        tokens = np.where(self.items >= 0, self.items + 1, -1)
+        order, _ = rank_candidates(weight * self.users, table, tokens, self.sid_logp)
+        return np.take_along_axis(self.items, order, axis=1)
 
 
 @torch.no_grad()
-def recommend_items(
+def candidates(
     model: OneRec,
     ds: Dataset,
     catalog: Catalog,
@@ -67,8 +91,8 @@ def recommend_items(
     rows: np.ndarray,
     beam_width: int,
     events: EventArrays | None = None,
-) -> np.ndarray:
-    """Ranked item rows (len(rows), M) for the split rows, -1 padded, seen items included."""
+) -> Candidates:
+    """The split rows' beams, as items, with what the ranking stage needs."""
     events = events or EventArrays.from_dataset(ds)
     static = ds.users[ds.static_feature_columns()].to_numpy(np.int64)
     cfg = model.cfg
@@ -93,7 +117,40 @@ def recommend_items(
         index.trie.leaf_of(result.sids.reshape(-1, cfg.sid_levels)).reshape(result.valid.shape),
         -1,
     )
-    return index.expand(leaves)
+    items, source = index.expand(leaves)
+    sid_logp = np.take_along_axis(result.scores, np.maximum(source, 0), axis=1)
+    users = model.next_item.user(model.encoder.item, inputs["short_items"]).numpy()
+    return Candidates(items, sid_logp, users)
+
+
+def served_ranking(model: OneRec) -> tuple[np.ndarray, float]:
+    """The item-ID table and the fitted weight the ranking stage serves with: the arguments
+    of :meth:`Candidates.ranked` that reproduce the server's order."""
+    return model.encoder.item.weight.detach().numpy(), float(model.next_item.rank_weight)
+
+
+def fit_rank_weight(
+    model: OneRec,
+    ds: Dataset,
+    catalog: Catalog,
+    index: SIDIndex,
+    split: Split,
+    beam_width: int = 128,
+) -> dict[float, float]:
+    """Set the ranking stage's weight to the one of :data:`RANK_WEIGHTS` with the best
+    NDCG@10 on ``split`` (validation events, never the test's); returns each weight's.
+
+    How much the next-item head should count depends on the data: where the next item
+    follows the order of recent ones (MovieLens) it is most of the ranking, and where it
+    follows long-term taste (the synthetic set) the SID decoder's order is better.
+    """
+    ranks = _ranks(
+        model, ds, catalog, index, split, np.arange(len(split)), beam_width, RANK_WEIGHTS
+    )
+    ndcg = {w: metrics_from_ranks(r, ks=(10,))["ndcg@10"] for w, r in ranks.items()}
+    best = max(RANK_WEIGHTS, key=lambda w: (ndcg[w], -abs(w - 1.0)))  # ties: nearest 1
+    model.next_item.rank_weight.fill_(best)
+    return ndcg
 
 
 def onerec_ranks(
@@ -103,19 +160,35 @@ def onerec_ranks(
     index: SIDIndex,
     split: Split,
     beam_width: int = 128,
-    batch_size: int = 32,
     rows: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Target ranks (len(rows),) in the beam-search recommendations, seen items removed."""
+    """Target ranks (len(rows),) in the served ranking of the beams' items, seen items
+    removed."""
     rows = np.arange(len(split)) if rows is None else np.asarray(rows)
+    weight = served_ranking(model)[1]
+    return _ranks(model, ds, catalog, index, split, rows, beam_width, (weight,))[weight]
+
+
+def _ranks(
+    model: OneRec,
+    ds: Dataset,
+    catalog: Catalog,
+    index: SIDIndex,
+    split: Split,
+    rows: np.ndarray,
+    beam_width: int,
+    weights: tuple[float, ...],
+    batch_size: int = 32,
+) -> dict[float, np.ndarray]:
+    """Target ranks of ``rows`` under each ranking-stage weight, from one beam search."""
     events = EventArrays.from_dataset(ds)
-    ranked = []
+    table, _ = served_ranking(model)
+    ranked: dict[float, list[np.ndarray]] = {w: [] for w in weights}
     for lo in range(0, len(rows), batch_size):
         chunk = rows[lo : lo + batch_size]
-        items = recommend_items(model, ds, catalog, index, split, chunk, beam_width, events)
-        ranked.append(filter_topk_seen(items, split, ds, chunk)[:, :50])
-    width = max(r.shape[1] for r in ranked)
-    topk = np.concatenate(
-        [np.pad(r, ((0, 0), (0, width - r.shape[1])), constant_values=-1) for r in ranked]
-    )
-    return topk_ranks(topk, split.target_items[rows])
+        found = candidates(model, ds, catalog, index, split, chunk, beam_width, events)
+        for w in weights:
+            top = filter_topk_seen(found.ranked(table, w), split, ds, chunk)[:, :50]
+            ranked[w].append(np.pad(top, ((0, 0), (0, 50 - top.shape[1])), constant_values=-1))
+    targets = split.target_items[rows]
+    return {w: topk_ranks(np.concatenate(lists), targets) for w, lists in ranked.items()}

@@ -24,7 +24,7 @@ import torch
 from onerec.baselines import PopularityModel, SASRecConfig, sasrec_scores, train_sasrec
 from onerec.data.schema import Dataset
 from onerec.data.synthetic import oracle_scores
-from onerec.evaluate import SIDIndex, onerec_ranks
+from onerec.evaluate import SIDIndex, fit_rank_weight, onerec_ranks
 from onerec.metrics import Split, gains, leave_last_out, scorer_ranks
 from onerec.model import OneRec, OneRecConfig
 from onerec.semantic_ids import load_item_sids
@@ -61,17 +61,49 @@ def train_artifacts(
         train_cfg.targets_per_sample,
         validation=train_cfg.keep_best,
     )
-    result = train(model, source, train_cfg, artifacts / "model" / "checkpoint.pt", resume)
-    result["parameters"] = model.served_parameters()
+    path = artifacts / "model" / "checkpoint.pt"
+    result = train(model, source, train_cfg, path, resume)
+    if train_cfg.keep_best:  # the validation events were held out of training
+        torch.set_num_threads(train_cfg.threads)
+        fit = fit_rank_weight(model.eval(), ds, catalog, index, validation_split(ds))
+        result["rank_weight"] = float(model.next_item.rank_weight)
+        result["rank_weight_ndcg@10"] = {str(w): round(v, 4) for w, v in fit.items()}
+        _store_rank_weight(path, result["rank_weight"])
+    result["parameters"] = sum(p.numel() for p in model.parameters())
     result["samples"] = len(source)
     (artifacts / "model" / "train.json").write_text(json.dumps(result, indent=2))
     return result
 
 
+def validation_split(ds: Dataset, max_users: int = 512, seed: int = 0) -> Split:
+    """Each user's second-to-last event, the one training held out for validation, after
+    the history before it; a seeded sample of ``max_users`` users keeps the fit short."""
+    last = leave_last_out(ds)
+    end = last.history_end - 1
+    split = Split(last.users, last.history_start, end, ds.item_index()[end].astype(np.int64))
+    if len(split) <= max_users:
+        return split
+    rows = np.random.default_rng(seed).choice(len(split), max_users, replace=False)
+    return split.subset(np.sort(rows))
+
+
+def _store_rank_weight(path: Path, weight: float) -> None:
+    """Write the fitted weight into the checkpoint's served and resumable weights alike."""
+    state = torch.load(path, weights_only=False)
+    for weights in (state["model"], state.get("best", {}).get("model")):
+        if weights is not None:
+            weights["next_item.rank_weight"] = torch.tensor(weight)
+    torch.save(state, path)
+
+
 def load_model(artifacts: Path, catalog: Catalog) -> OneRec:
     state = torch.load(artifacts / "model" / "checkpoint.pt", weights_only=False)
-    # Checkpoints from before the next-item objective have no weights for it.
-    model = build_model(OneRecConfig(**{"next_item_window": 0, **state["model_config"]}), catalog)
+    config = state["model_config"]
+    if "next_item_window" in config:
+        raise ValueError(
+            f"{artifacts}/model: a checkpoint from before the ranking stage; train it again"
+        )
+    model = build_model(OneRecConfig(**config), catalog)
     model.load_state_dict(state["best"]["model"] if state.get("best") else state["model"])
     return model.eval()
 

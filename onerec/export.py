@@ -1,9 +1,11 @@
 """ONNX export of the encoder and of one decoder step per SID level (opset 17).
 
-* ``encoder.onnx``: the twelve pathway tensors -> the encoder's key-padding mask ``keep``
-  and, for every decoder layer, the cross-attention keys and values. Batch and every
-  sequence length are dynamic axes. K/V leave the encoder already projected, so the
-  decoder never recomputes them per beam or per step.
+* ``encoder.onnx``: the twelve pathway tensors -> the encoder's key-padding mask ``keep``,
+  for every decoder layer the cross-attention keys and values, and the ranking stage's
+  ``user`` vector. Batch and every sequence length are dynamic axes. K/V leave the
+  encoder already projected, so the decoder never recomputes them per beam or per step.
+* ``item_table.npy``: the (n_items + 2, d) item-ID table that ``user`` scores candidate
+  items against (:mod:`onerec.ranking`); the front end holds it.
 * ``decoder_step_{t}.onnx``: SID prefixes ``tokens`` (B, W, t) plus ``keep`` and the K/V
   -> log-probabilities (B, W, K) of level ``t``. One graph per level because the prefix
   length fixes the graph; level 0 takes no tokens (all beams share BOS) and returns
@@ -56,7 +58,8 @@ class _Encoder(nn.Module):
     def forward(self, *pathways: torch.Tensor) -> tuple[torch.Tensor, ...]:
         memory, keep = self.model.encoder(**dict(zip(PATHWAY_INPUTS, pathways, strict=True)))
         kv = self.model.decoder.cross_kv(memory)
-        return (keep, *(t for pair in kv for t in pair))
+        user = self.model.user(pathways[PATHWAY_INPUTS.index("short_items")])
+        return (keep, *(t for pair in kv for t in pair), user)
 
 
 class _Step(nn.Module):
@@ -85,13 +88,14 @@ def example_pathways(model: OneRec, batch: int = 2, length: int = 3) -> tuple[to
 
 
 def export(model: OneRec, out: str | Path) -> list[Path]:
-    """Write ``encoder.onnx`` and ``decoder_step_{t}.onnx`` into ``out``; returns the paths."""
+    """Write ``encoder.onnx``, ``decoder_step_{t}.onnx`` and ``item_table.npy`` into
+    ``out``; returns the paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     encoder = _Encoder(model).eval()
     names = kv_names(model)
-    dynamic = {"static": {0: "batch"}, "keep": {0: "batch", 1: "enc_len"}}
+    dynamic = {"static": {0: "batch"}, "keep": {0: "batch", 1: "enc_len"}, "user": {0: "batch"}}
     for name in PATHWAY_INPUTS[1:]:
         dynamic[name] = {0: "batch", 1: f"{name.split('_')[0]}_len"}
     for name in names:
@@ -112,12 +116,12 @@ def export(model: OneRec, out: str | Path) -> list[Path]:
             pathways,
             paths[0],
             input_names=list(PATHWAY_INPUTS),
-            output_names=["keep", *names],
+            output_names=["keep", *names, "user"],
             dynamic_axes=dynamic,
             opset_version=OPSET,
             dynamo=False,
         )
-        keep, *flat = encoder(*pathways)
+        keep, *flat, _ = encoder(*pathways)
         for level in range(model.cfg.sid_levels):
             tokens = torch.zeros(2, 3, level, dtype=torch.long)
             inputs = (keep, *flat) if level == 0 else (tokens, keep, *flat)
@@ -137,6 +141,8 @@ def export(model: OneRec, out: str | Path) -> list[Path]:
                 dynamo=False,
             )
             paths.append(path)
+    paths.append(out / "item_table.npy")
+    np.save(paths[-1], model.encoder.item.weight.detach().numpy())
     return paths
 
 
@@ -147,13 +153,15 @@ class Parity:
     requests: int
     beam_width: int
     kv_max_abs: float  # encoder output: every layer's cross-attention K and V
+    user_max_abs: float  # encoder output: the ranking stage's user vectors
     step_max_abs: float  # decoder log-probabilities at every level of the search
     top10_equal: int  # requests whose beam-search top 10 SIDs are identical
 
     def __str__(self) -> str:
         return (
             f"ONNX vs torch on {self.requests} requests at beam {self.beam_width}: K/V max "
-            f"|diff| {self.kv_max_abs:.1e}, decoder steps {self.step_max_abs:.1e}, "
+            f"|diff| {self.kv_max_abs:.1e}, user vectors {self.user_max_abs:.1e}, "
+            f"decoder steps {self.step_max_abs:.1e}, "
             f"top-10 identical for {self.top10_equal}/{self.requests}"
         )
 
@@ -166,10 +174,11 @@ def parity(model: OneRec, onnx, pathways: list, trie, beam_width: int) -> Parity
     from onerec.pathways import collate
 
     batch = collate(pathways)
-    keep, kv = onnx.encode(batch)
+    keep, kv, user = onnx.encode(batch)
     with torch.no_grad():
         memory, keep_t = model.encoder(**{k: torch.from_numpy(batch[k]) for k in PATHWAY_INPUTS})
         kv_t = model.decoder.cross_kv(memory)
+        user_t = model.user(torch.from_numpy(batch["short_items"])).numpy()
     kv_diff = max(
         float(np.abs(a - e.numpy()).max())
         for a, e in zip(kv, [t for pair in kv_t for t in pair], strict=True)
@@ -187,4 +196,5 @@ def parity(model: OneRec, onnx, pathways: list, trie, beam_width: int) -> Parity
     ref = constrained_beam_search(torch_step, n, beam_width, trie)
     ours = constrained_beam_search(lambda t: onnx.step(t, keep, kv), n, beam_width, trie)
     same = (ours.sids[:, :10] == ref.sids[:, :10]).all(axis=(1, 2))
-    return Parity(n, beam_width, kv_diff, step_diff[0], int(same.sum()))
+    user_diff = float(np.abs(user - user_t).max())
+    return Parity(n, beam_width, kv_diff, user_diff, step_diff[0], int(same.sum()))

@@ -9,8 +9,8 @@ Read top to bottom:
   reduced by a QFormer (:class:`QFormer`) to ``n_queries`` tokens.
 * :class:`SIDDecoder` -- BOS + one embedding table per SID level; causal self-attention,
   cross-attention to the encoder and a mixture-of-experts FFN; one head per level.
-* :class:`NextItemObjective` -- a training-only auxiliary loss that teaches the item-ID
-  table item-to-item transitions; serving never runs it.
+* :class:`NextItemHead` -- the ranking stage: a user vector from the short-term items,
+  scored against the item-ID table, orders the items that the beam search generated.
 * :func:`flops_per_request` -- matmul FLOPs of one request from the config and the request's
   pathway lengths.
 
@@ -59,8 +59,6 @@ class OneRecConfig:
     top_k: int = 2
     d_expert: int = 128
     dropout: float = 0.0  # CPU dropout masks cost half a step; the model is step-starved
-    next_item_window: int = 50  # training only: see NextItemObjective; 0 turns it off
-    next_item_negatives: int = 2048
 
     @property
     def head_dim(self) -> int:
@@ -403,47 +401,57 @@ class SIDDecoder(nn.Module):
         return F.log_softmax(self.heads[t](h), dim=-1).expand(b, w, -1)
 
 
-class NextItemObjective(nn.Module):
-    """Dense next-item supervision for the item-ID table, in training only.
+class NextItemHead(nn.Module):
+    """The ranking stage: scores items for a user from the order of their recent items.
 
-    One encoder pass gives the SID loss a handful of targets, and the item-ID table gets
-    its gradient only through the pathways; SASRec learns from a target at every position
-    of its window. This small causal transformer reads the user's last
-    ``next_item_window`` items and scores each one's successor against that same table
-    (sampled softmax over uniform negatives), so the table learns the transitions the
-    pathways then read. With it, `make eval`'s synthetic Recall@10 rose from 0.0705 to
-    0.0795 and the validation SID loss fell on both data sets; a 200-item window trained
-    fewer epochs in the same time and did no better. It is not part of the encoder:
-    serving, export and the FLOP count never see it.
+    The SID decoder generates good candidates but orders them worse than a sequential
+    next-item model does; :mod:`onerec.ranking` adds this head's score to each decoded
+    item's SID log-probability. This small causal transformer reads the short-term
+    pathway's items, oldest first, and its state at the newest one is the user vector; an
+    item's score is its dot product with that item's row of the encoder's item-ID table,
+    so the head also teaches that table the item-to-item transitions the pathways read.
+
+    Training scores each position's successor with a softmax over the whole item table:
+    SASRec learns from a target at every position, and against uniform sampled negatives
+    the same head ranked worse (0.039 against 0.047 NDCG@10).
     """
 
     def __init__(self, cfg: OneRecConfig) -> None:
         super().__init__()
-        self.n_items, self.negatives = cfg.n_items, cfg.next_item_negatives
-        self.pos = nn.Embedding(cfg.next_item_window, cfg.d_model)
+        self.n_items = cfg.n_items
+        # How much its score counts beside the SID's log-probability: fitted after training
+        # on the validation events (onerec.evaluate.fit_rank_weight), served in the user
+        # vector's length.
+        self.register_buffer("rank_weight", torch.ones(()))
+        self.pos = nn.Embedding(cfg.short_len, cfg.d_model)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(2))
         self.ln = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, items: nn.Embedding, window: torch.Tensor) -> torch.Tensor:
-        """Mean loss; ``window`` (B, next_item_window + 1) holds item tokens, left-padded
-        with 0, and each position's target is the token after it."""
-        ids, targets = window[:, :-1], window[:, 1:]
+    def states(self, items: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+        """(B, t, d) states of item tokens (B, t), oldest first and left-padded with 0: the
+        newest item always takes the last position, whatever t."""
         t = ids.shape[1]
-        x = items(ids) * math.sqrt(items.embedding_dim) + self.pos.weight[:t]
-        causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
+        x = items(ids) * math.sqrt(items.embedding_dim) + self.pos.weight[-t:]
+        pos = torch.arange(t, device=ids.device)
         # Padding is never a key, except to itself, so no row of the mask is empty.
-        mask = (causal & (ids > 0)[:, None, :]) | torch.eye(t, dtype=torch.bool, device=ids.device)
+        mask = ((pos[:, None] >= pos) & (ids > 0)[:, None, :]) | (pos[:, None] == pos)
         for layer in self.layers:
             x = layer(x, mask[:, None])
-        real = (ids > 0) & (targets > 0)
-        h, target = self.ln(x)[real], targets[real]  # (N, d), (N,)
-        negatives = torch.randint(1, self.n_items + 1, (self.negatives,), device=ids.device)
-        positive = (h * items.weight[target]).sum(-1, keepdim=True)
-        negative = (h @ items.weight[negatives].T).masked_fill(
-            negatives == target[:, None], float("-inf")
-        )
-        logits = torch.cat([positive, negative], dim=1)
-        return F.cross_entropy(logits, torch.zeros(len(h), dtype=torch.long, device=h.device))
+        return self.ln(x)
+
+    def user(self, items: nn.Embedding, short_items: torch.Tensor) -> torch.Tensor:
+        """(B, d) user vectors from the short-term pathway's items (B, S), newest first and
+        right-padded, as the encoder receives them."""
+        return self.states(items, short_items.flip(1))[:, -1]
+
+    def loss(self, items: nn.Embedding, window: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of each position's successor over all catalog items;
+        ``window`` (B, short_len + 1) holds item tokens, oldest first, left-padded with 0."""
+        ids, targets = window[:, :-1], window[:, 1:]
+        real = (ids > 0) & (targets > 0) & (targets <= self.n_items)
+        h = self.states(items, ids)[real]  # (N, d)
+        logits = h @ items.weight[1 : self.n_items + 1].T  # (N, n_items)
+        return F.cross_entropy(logits, targets[real] - 1)
 
 
 def _init(module: nn.Module) -> None:
@@ -473,11 +481,10 @@ class OneRec(nn.Module):
         self.encoder = PathwayEncoder(
             cfg, item_vectors, item_author, item_tag, item_sids, self.decoder.codes
         )
+        self.next_item = NextItemHead(cfg)
         self.apply(_init)
         for head, codes in zip(self.decoder.heads, self.decoder.codes, strict=True):
             head.weight = codes.weight  # tied: the logit of a code is its embedding's match
-        # Built last, so the served weights start the same with the objective or without.
-        self.next_item = NextItemObjective(cfg).apply(_init) if cfg.next_item_window else None
 
     def losses(
         self,
@@ -487,7 +494,7 @@ class OneRec(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The training objectives by name: ``"sid"``, the mean next-token cross-entropy over
         the SID levels of the targets, and, with ``recent`` (the window of item tokens that
-        ends at the first target), ``"next_item"``, :class:`NextItemObjective`'s loss.
+        ends at the first target), ``"next_item"``, :class:`NextItemHead`'s loss.
 
         ``target_sids`` is (B, L) for one target per user or (B, M, L) for M targets that
         share one encoder pass (the next items after the cut, decoded independently, like
@@ -508,8 +515,8 @@ class OneRec(nn.Module):
             for i in range(self.cfg.sid_levels)
         ]
         parts = {"sid": torch.stack(levels).mean()}
-        if recent is not None and self.next_item is not None:
-            parts["next_item"] = self.next_item(self.encoder.item, recent)
+        if recent is not None:
+            parts["next_item"] = self.next_item.loss(self.encoder.item, recent)
         return parts
 
     def loss(
@@ -521,10 +528,11 @@ class OneRec(nn.Module):
         """The sum of :meth:`losses`: what training minimises."""
         return sum(self.losses(inputs, target_sids, recent).values())
 
-    def served_parameters(self) -> int:
-        """Parameters of what serving runs: all but the training-only next-item objective."""
-        training_only = {id(p) for p in self.next_item.parameters()} if self.next_item else set()
-        return sum(p.numel() for p in self.parameters() if id(p) not in training_only)
+    def user(self, short_items: torch.Tensor) -> torch.Tensor:
+        """(B, d) user vectors of the ranking stage (:class:`NextItemHead`), scaled by its
+        fitted weight: what serving scores items with."""
+        head = self.next_item
+        return head.rank_weight * head.user(self.encoder.item, short_items)
 
     def moe_layers(self) -> list[MoE]:
         return [layer.moe for layer in self.decoder.layers]
@@ -538,6 +546,10 @@ def _attention(nq: int, nk: int, d: int) -> int:
     return 2 * 2 * nq * nk * d  # scores and weighted sum
 
 
+def _encoder_layer(t: int, d: int, ff: int) -> int:
+    return _linear(t, d, 3 * d) + _attention(t, t, d) + _linear(t, d, d) + 2 * _linear(t, d, ff)
+
+
 def flops_per_request(
     cfg: OneRecConfig,
     beam_width: int,
@@ -545,7 +557,8 @@ def flops_per_request(
     short_items: int | None = None,
     positive_items: int | None = None,
 ) -> int:
-    """Matmul FLOPs of one request: the encoder once, then each SID level for ``beam_width`` beams.
+    """Matmul FLOPs of one request: the encoder once, each SID level for ``beam_width``
+    beams, then the ranking stage over the beams' items.
 
     Pathway lengths default to the config's maxima; a server passes the request's own,
     since a light user's encoder runs on far fewer tokens (padding is not useful work).
@@ -572,12 +585,10 @@ def flops_per_request(
         + _linear(q, d, d)
         + 2 * _linear(q, d, ff)
     )
-    f += cfg.encoder_layers * (
-        _linear(t_enc, d, 3 * d)
-        + _attention(t_enc, t_enc, d)
-        + _linear(t_enc, d, d)
-        + 2 * _linear(t_enc, d, ff)
-    )
+    f += cfg.encoder_layers * _encoder_layer(t_enc, d, ff)
+    # The ranking stage: its two layers over the short-term items, then the candidates'
+    # scores (as many as beams; a SID shared by several items adds a few more).
+    f += 2 * _encoder_layer(n_short, d, ff) + _linear(beam_width, d, 1)
     f += cfg.decoder_layers * _linear(t_enc, d, 2 * d)  # cross K/V, once
     for level in range(cfg.sid_levels):
         beams = 1 if level == 0 else beam_width  # every beam starts from the same BOS

@@ -36,15 +36,19 @@ def _session(path: Path, threads: int) -> ort.InferenceSession:
 
 
 class OnnxEncoder:
-    """``encoder.onnx``: pathway arrays -> key-padding mask and per-layer cross K/V."""
+    """``encoder.onnx``: pathway arrays -> key-padding mask, per-layer cross K/V and the
+    ranking stage's user vectors."""
 
     def __init__(self, path: str | Path, threads: int = 0) -> None:
         self.session = _session(Path(path), threads)
 
-    def encode(self, pathways: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Pathway arrays (as :func:`onerec.pathways.collate` makes them) -> keep, K/V."""
-        keep, *kv = self.session.run(None, {name: pathways[name] for name in PATHWAY_INPUTS})
-        return keep, kv
+    def encode(
+        self, pathways: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """Pathway arrays (as :func:`onerec.pathways.collate` makes them) -> keep (B, T),
+        K/V, user (B, d)."""
+        keep, *kv, user = self.session.run(None, {n: pathways[n] for n in PATHWAY_INPUTS})
+        return keep, kv, user
 
 
 class OnnxDecoder:

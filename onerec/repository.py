@@ -3,7 +3,7 @@
 The tracked ``model_repository/`` holds only configs and ``model.py`` files. This writes
 the built artefacts beside them (all git-ignored)::
 
-    onerec_encoder/1/encoder.onnx, model.json
+    onerec_encoder/1/encoder.onnx, model.json, item_table.npy (read by the front end)
     onerec_decoder/1/decoder_step_{0,1,2}.onnx, model.json
     onerec_decoder/catalog/          versioned SID catalog (onerec.catalog)
 
@@ -77,7 +77,8 @@ def write_model_repository(
     with tempfile.TemporaryDirectory() as tmp:
         export(model, tmp)
         enc, dec = dest / ENCODER / "1", dest / DECODER / "1"
-        shutil.move(Path(tmp) / "encoder.onnx", enc / "encoder.onnx")
+        for name in ("encoder.onnx", "item_table.npy"):
+            shutil.move(Path(tmp) / name, enc / name)
         for level in range(model.cfg.sid_levels):
             name = f"decoder_step_{level}.onnx"
             shutil.move(Path(tmp) / name, dec / name)

@@ -19,8 +19,8 @@ model memorises the users' own items (on the synthetic set, doubling the 12-minu
 budget dropped validation Recall@10 from 0.070 to 0.048;
 keeping the best epoch, 5 of 10, held it at 0.067).
 
-Each batch also carries, per sample, the item tokens of the ``next_item_window`` events
-before its cut and the one at it, for the model's training-only next-item objective.
+Each batch also carries, per sample, the item tokens of the ``short_len`` events before
+its cut and the one at it, for the model's ranking stage (its next-item loss).
 
 AdamW with linear warm-up and cosine decay; checkpoints after every epoch hold model,
 optimiser, scheduler and RNG state, and the best epoch's weights, so ``resume=True``
@@ -168,26 +168,20 @@ class SampleSource:
         keep = full.positions < cut
         return Compressed(full.positions[keep], full.weights[keep])
 
-    def batch(
-        self, idx: np.ndarray
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    def batch(self, idx: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Samples ``idx`` of the current draw: pathways; targets (B, M, L), the next items
         after each cut up to the first held-out event, -1 padded; and, for the model's
-        next-item objective, the item tokens of the ``next_item_window`` events before each
-        cut and the one at it (None when the model has no such objective)."""
+        ranking stage, the item tokens of the ``short_len`` events before each cut (the
+        short-term pathway's items, oldest first) and the one at it."""
         users, cuts = self.users[idx], self.cuts[idx]
         starts = self.events.offsets[users]
         ends = self.events.offsets[users + 1] - starts - self.held_out
         inputs, targets = self._tensors(
             users, cuts, np.minimum(cuts + self.targets_per_sample, ends)
         )
-        window = self.cfg.next_item_window
-        recent = (
-            torch.from_numpy(windows(self.events.items, starts, starts + cuts + 1, window + 1))
-            if window
-            else None
-        )
-        return inputs, targets, recent
+        length = self.cfg.short_len + 1
+        recent = windows(self.events.items, starts, starts + cuts + 1, length)
+        return inputs, targets, torch.from_numpy(recent)
 
     def validation_batches(
         self, batch_size: int

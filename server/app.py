@@ -126,6 +126,9 @@ def build_context(s: Settings, model: TritonModel, metrics: Metrics) -> Context:
             f"{s.artifacts} has {len(item_ids)} items but the model in {s.repository} has "
             f"{cfg.n_items}: they come from different builds"
         )
+    table = np.load(s.repository / ENCODER / "1" / "item_table.npy")
+    if table.shape != (cfg.n_items + 2, cfg.d_model):
+        raise ValueError(f"{s.repository}: item table {table.shape} does not fit the model")
     store_path = s.store_path()
     if not store_path.is_file():
         raise FileNotFoundError(f"{store_path}: no feature store (onerec build makes it)")
@@ -134,7 +137,7 @@ def build_context(s: Settings, model: TritonModel, metrics: Metrics) -> Context:
         cfg=cfg,
         store=store,
         builder=PathwayBuilder(store, cfg, vectors),
-        catalog=CatalogReader(catalog_dir(s.repository), item_index),
+        catalog=CatalogReader(catalog_dir(s.repository), item_index, table),
         model=model,
         metrics=metrics,
         limits=s.limits,

@@ -4,10 +4,13 @@ The decoder says which catalog version constrained its answer; :class:`CatalogRe
 maps the SIDs with that same version (loading it on demand), so a hot reload can never
 pair a new trie with an old item table or the reverse. Within a version:
 
-* a SID's items come in collision-rank order (the tokenizer's rule: most popular first)
-  and share the SID's score;
+* a SID's items come in collision-rank order (the tokenizer's rule: most popular first);
 * seen and excluded items are removed, by model index for the items the model knows and
   by id for the rest, all vectorised over the candidates;
+* the rest are ordered by the model's ranking stage (:func:`onerec.ranking.rank_candidates`):
+  an item's score is its SID's log-probability plus the user vector's dot product with
+  the item's row of the item-ID table (an item the model never saw uses the table's
+  unknown-item row);
 * a SID that maps to no item is counted as illegal (it must never happen: the trie and
   the table come from the same files).
 """
@@ -24,6 +27,7 @@ import numpy as np
 
 from onerec import catalog
 from onerec.evaluate import SIDIndex
+from onerec.ranking import rank_candidates
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +43,13 @@ class CatalogView:
     index: SIDIndex
     row_by_id: dict[str, int]
     row_by_model: np.ndarray  # (n_model_items,) row of each model item index, -1 if absent
+    tokens: np.ndarray  # (N,) the row's index into ``table``
+    table: np.ndarray  # (n_model_items + 2, d) the model's item-ID table, shared by versions
 
     @classmethod
-    def build(cls, version: catalog.CatalogVersion, model_items: dict[str, int]) -> CatalogView:
+    def build(
+        cls, version: catalog.CatalogVersion, model_items: dict[str, int], table: np.ndarray
+    ) -> CatalogView:
         """Built once per version (off the event loop): every per-request lookup after
         this is an array index or a dict probe, never a scan of the catalog."""
         items = version.items
@@ -64,6 +72,8 @@ class CatalogView:
             index,
             row_by_id,
             row_by_model,
+            np.where(model_idx >= 0, model_idx + 1, len(model_items) + 1),
+            table,
         )
 
     def rows_of(self, item_ids) -> np.ndarray:
@@ -96,22 +106,27 @@ class CatalogView:
     def rank(
         self,
         sids: np.ndarray,
-        scores: np.ndarray,
+        sid_logp: np.ndarray,
+        user: np.ndarray,
         seen_idx: np.ndarray,
         excluded_ids: np.ndarray,
         count: int,
     ) -> tuple[np.ndarray, np.ndarray, int]:
-        """(C, L) ranked SIDs -> (rows, scores) of the best ``count`` allowed items, and the
-        number of SIDs that map to no item (illegal)."""
+        """(C, L) decoded SIDs with their (C,) log-probabilities, and the (d,) user vector
+        -> (rows, scores) of the best ``count`` allowed items, and the number of SIDs that
+        map to no item (illegal)."""
+        if user.shape != self.table.shape[1:]:
+            raise ValueError(f"user vector {user.shape}, item table {self.table.shape}")
         valid = sids[:, 0] >= 0
-        leaves, leaf_scores = self.index.trie.leaf_of(sids[valid]), scores[valid]
+        leaves, leaf_logp = self.index.trie.leaf_of(sids[valid]), sid_logp[valid]
         legal = leaves >= 0
-        leaves, leaf_scores = leaves[legal], leaf_scores[legal]
-        rows = self.index.expand(leaves[None])[0]
+        rows, source = (a[0] for a in self.index.expand(leaves[legal][None]))
+        logp = leaf_logp[legal][source[rows >= 0]]
         rows = rows[rows >= 0]
-        row_scores = np.repeat(leaf_scores, np.diff(self.index.offsets)[leaves])
         keep = self.allowed(rows, seen_idx, excluded_ids)
-        return rows[keep][:count], row_scores[keep][:count], int((~legal).sum())
+        rows, logp = rows[keep], logp[keep]
+        order, scores = rank_candidates(user[None], self.table, self.tokens[rows][None], logp[None])
+        return rows[order[0]][:count], scores[0][:count], int((~legal).sum())
 
     def popular(self, seen_idx: np.ndarray, excluded_ids: np.ndarray, count: int) -> np.ndarray:
         """The ``count`` most popular allowed rows (the fallback answer)."""
@@ -122,9 +137,12 @@ class CatalogView:
 class CatalogReader:
     """Versions of a catalog directory: the live one, and any one the decoder names."""
 
-    def __init__(self, directory: str | Path, model_items: dict[str, int], keep: int = 4):
+    def __init__(
+        self, directory: str | Path, model_items: dict[str, int], table: np.ndarray, keep: int = 4
+    ):
         self.directory = Path(directory)
         self.model_items = model_items
+        self.table = table
         self.keep = keep
         self._views: OrderedDict[int, CatalogView] = OrderedDict()
         self._lock = threading.Lock()
@@ -141,7 +159,9 @@ class CatalogReader:
             view = self._cached(version)  # built while we waited
             if view is not None:
                 return view
-            view = CatalogView.build(catalog.load(self.directory, version), self.model_items)
+            view = CatalogView.build(
+                catalog.load(self.directory, version), self.model_items, self.table
+            )
             log.info("catalog v%d loaded: %d items", version, len(view.item_ids))
             with self._lock:
                 self._views[version] = view

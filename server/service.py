@@ -8,7 +8,9 @@ Recommend, stage by stage (each timed into ``onerec_stage_latency_seconds``):
 4. lifelong: the cached or fresh k-means compression of the whole history;
 5. triton: the ``onerec`` ensemble, bounded by the caller's remaining deadline;
 6. catalog: SIDs -> items with the decoder's own catalog version, seen and excluded
-   items removed, topped up from popularity if filtering left fewer than ``count``.
+   items removed, ordered by SID log-probability plus the user vector's score (the
+   ranking stage, onerec.ranking), topped up from popularity if filtering left fewer than
+   ``count``.
 
 Fallbacks answer instead of failing: an unknown user gets popular items
 (``cold_start``); a Triton that is down, late or not ready gets popular items minus the
@@ -217,7 +219,9 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         started = time.perf_counter()
         answer = self.ctx.catalog.get(decoded.catalog_version)
         seen, excluded = prep.seen, prep.excluded
-        rows, scores, illegal = answer.rank(decoded.sids, decoded.scores, seen, excluded, count)
+        rows, scores, illegal = answer.rank(
+            decoded.sids, decoded.scores, decoded.user, seen, excluded, count
+        )
         if illegal:
             m.illegal.inc(illegal)
             log.error("%d decoded SIDs map to no item in catalog v%d", illegal, answer.version)

@@ -23,7 +23,7 @@ from onerec.export import PATHWAY_INPUTS
 from onerec.model import N_FLAGS, OneRecConfig
 
 ENSEMBLE = "onerec"
-OUTPUTS = ("sids", "scores", "catalog_version")
+OUTPUTS = ("sids", "scores", "catalog_version", "user")
 
 
 def _tensor(name: str, array: np.ndarray) -> grpcclient.InferInput:
@@ -102,9 +102,10 @@ class TritonRejected(Exception):
 
 @dataclass(frozen=True)
 class Decoded:
-    sids: np.ndarray  # (C, L), -1 rows past the last legal SID
-    scores: np.ndarray  # (C,)
+    sids: np.ndarray  # (C, L) in beam order, -1 rows past the last legal SID
+    scores: np.ndarray  # (C,) each SID's summed log-probability
     catalog_version: int
+    user: np.ndarray  # (d,) the ranking stage's user vector (onerec.ranking)
 
 
 def channel_args() -> list[tuple[str, int | str]]:
@@ -138,7 +139,8 @@ class TritonModel:
         exclude_sids: np.ndarray | None,
         timeout_s: float,
     ) -> Decoded:
-        """Ranked SIDs for one user; the caller's remaining deadline bounds the call."""
+        """Decoded SIDs and the user vector for one user; the caller's remaining deadline
+        bounds the call."""
         if timeout_s <= 0:
             raise TritonUnavailable("no time left before the caller's deadline")
         try:
@@ -153,6 +155,7 @@ class TritonModel:
                 result.as_numpy("sids")[0],
                 result.as_numpy("scores")[0],
                 int(result.as_numpy("catalog_version")[0, 0]),
+                result.as_numpy("user")[0],
             )
         except InferenceServerException as e:
             if "INVALID_ARG" in str(e.status()):

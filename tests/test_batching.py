@@ -79,20 +79,15 @@ def test_ragged_requests_decode_as_if_alone(onnx) -> None:
             "beam_width": np.array([[w]], np.int32),
             "count": np.array([[c]], np.int32),
         }
-        for (keep, kv), w, c in zip(encoded, widths, counts, strict=True)
+        for (keep, kv, _), w, c in zip(encoded, widths, counts, strict=True)
     ]
     together = decode_batch(decoder, trie, decoder_requests)
     for i, r in enumerate(requests):
-        alone = decode_batch(
-            decoder,
-            trie,
-            [
-                {
-                    **decoder_requests[i],
-                    **dict(zip(("keep", "cross_kv"), encode_batch(encoder, [r])[0], strict=True)),
-                }
-            ],
-        )[0]
+        keep, kv, user = encode_batch(encoder, [r])[0]
+        np.testing.assert_allclose(encoded[i][2], user, atol=1e-5)  # the ranking stage too
+        alone = decode_batch(decoder, trie, [decoder_requests[i] | {"keep": keep, "cross_kv": kv}])[
+            0
+        ]
         assert together[i].sids.shape == (1, counts[i], 3)
         np.testing.assert_array_equal(together[i].sids, alone.sids)
         np.testing.assert_allclose(together[i].scores, alone.scores, atol=1e-5)
@@ -133,7 +128,7 @@ def test_a_failing_batch_fails_each_request_but_returns() -> None:
 )
 def test_decoder_checks_name_the_field(onnx, change, field) -> None:
     encoder, decoder, trie = onnx
-    keep, kv = encode_batch(encoder, [_request(3, 0)])[0]
+    keep, kv, _ = encode_batch(encoder, [_request(3, 0)])[0]
     request = {
         "keep": keep,
         "cross_kv": kv,

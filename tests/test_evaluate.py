@@ -8,7 +8,15 @@ import torch
 
 from onerec.data.synthetic import SyntheticConfig, generate
 from onerec.embeddings import item_embeddings
-from onerec.evaluate import SIDIndex, onerec_ranks, recommend_items
+from onerec.evaluate import (
+    RANK_WEIGHTS,
+    SIDIndex,
+    candidates,
+    fit_rank_weight,
+    onerec_ranks,
+    served_ranking,
+)
+from onerec.experiment import validation_split
 from onerec.metrics import leave_last_out, metrics_from_ranks
 from onerec.tokenizer import SemanticTokenizer, TokenizerConfig, collision_ranks
 from onerec.train import Catalog, build_model, model_config
@@ -18,8 +26,9 @@ def test_expand_follows_collision_rank_and_pads() -> None:
     sids = np.array([[0, 0, 1], [0, 0, 1], [1, 2, 3], [0, 0, 1]])
     index = SIDIndex.build(sids, collision_rank=np.array([1, 0, 0, 2]), codebook_size=4)
     leaf_a, leaf_b = index.trie.leaf_of(np.array([[0, 0, 1], [1, 2, 3]]))
-    out = index.expand(np.array([[leaf_b, leaf_a], [leaf_a, -1], [-1, -1]]))
+    out, source = index.expand(np.array([[leaf_b, leaf_a], [leaf_a, -1], [-1, -1]]))
     assert out.tolist() == [[2, 1, 0, 3], [1, 0, 3, -1], [-1, -1, -1, -1]]
+    assert source.tolist() == [[0, 1, 1, 1], [0, 0, 0, -1], [-1, -1, -1, -1]]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +50,8 @@ def test_random_weights_at_wide_beams_only_return_real_items(tiny) -> None:
     ds, catalog, model, index = tiny
     split = leave_last_out(ds)
     rows = np.arange(6)
-    items = recommend_items(model, ds, catalog, index, split, rows, beam_width=512)
+    found = candidates(model, ds, catalog, index, split, rows, beam_width=512)
+    items = found.ranked(*served_ranking(model))
     real = items[items >= 0]
     assert real.size and real.max() < ds.n_items
     # Every item of the catalog is reachable: with 512 beams > 120 items, all come back.
@@ -60,3 +70,40 @@ def test_evaluate_gives_bounded_metrics(tiny) -> None:
     assert set(metrics) == {"recall@10", "ndcg@10", "recall@50", "ndcg@50"}
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert metrics["recall@50"] >= metrics["recall@10"]
+
+
+def test_ranking_weight_zero_keeps_the_beam_order_and_a_weight_reorders(tiny) -> None:
+    ds, catalog, model, index = tiny
+    split = leave_last_out(ds)
+    found = candidates(model, ds, catalog, index, split, np.arange(4), beam_width=16)
+    table = model.encoder.item.weight.detach().numpy()
+    np.testing.assert_array_equal(found.ranked(table, 0.0), found.items)
+    with torch.no_grad():  # make the head's scores large enough to matter
+        model.encoder.item.weight.mul_(100.0)
+    try:
+        reordered = found.ranked(model.encoder.item.weight.detach().numpy(), 1.0)
+    finally:
+        with torch.no_grad():
+            model.encoder.item.weight.div_(100.0)
+    assert not (reordered == found.items).all()
+    assert (np.sort(reordered, axis=1) == np.sort(found.items, axis=1)).all()  # same items
+
+
+def test_rank_weight_is_fitted_on_the_validation_events_and_served(tiny) -> None:
+    """The fit picks the weight with the best validation NDCG@10 and stores it where
+    export reads it: the user vector's scale."""
+    ds, catalog, model, index = tiny
+    split = validation_split(ds)
+    assert (split.history_end == leave_last_out(ds).history_end - 1).all()
+    short = torch.randint(1, ds.n_items + 1, (2, 5))
+    with torch.no_grad():
+        unit = model.user(short)
+    try:
+        ndcg = fit_rank_weight(model, ds, catalog, index, split, beam_width=16)
+        assert set(ndcg) == set(RANK_WEIGHTS)
+        weight = float(model.next_item.rank_weight)
+        assert ndcg[weight] == max(ndcg.values())
+        with torch.no_grad():
+            torch.testing.assert_close(model.user(short), weight * unit)
+    finally:
+        model.next_item.rank_weight.fill_(1.0)

@@ -43,7 +43,11 @@ def test_build_train_eval_writes_the_report(tmp_path) -> None:
 
     assert main(["export", "--artifacts", str(art)]) == 0
     exported = sorted(p.name for p in (art / "onnx").iterdir())
-    assert exported == [*(f"decoder_step_{t}.onnx" for t in range(3)), "encoder.onnx"]
+    assert exported == [
+        *(f"decoder_step_{t}.onnx" for t in range(3)),
+        "encoder.onnx",
+        "item_table.npy",
+    ]
 
 
 def hits(n_users: int, n_hits: int, rank: int = 0) -> np.ndarray:

@@ -66,13 +66,15 @@ def _pathways(b: int, s: int, p: int, life: int, seed: int) -> dict[str, np.ndar
 def test_encoder_and_steps_match_torch(exported, b: int, s: int, p: int, life: int) -> None:
     model, onnx = exported
     inputs = _pathways(b, s, p, life, seed=b)
-    keep, kv = onnx.encode(inputs)
+    keep, kv, user = onnx.encode(inputs)
     with torch.no_grad():
         memory, keep_t = model.encoder(**{k: torch.from_numpy(inputs[k]) for k in PATHWAY_INPUTS})
         kv_t = model.decoder.cross_kv(memory)
         np.testing.assert_array_equal(keep, keep_t.numpy())
         flat_t = [t.numpy() for pair in kv_t for t in pair]
         assert max(np.abs(a - e).max() for a, e in zip(kv, flat_t, strict=True)) <= 1e-4
+        user_t = model.user(torch.from_numpy(inputs["short_items"])).numpy()
+        assert user.shape == (b, CFG.d_model) and np.abs(user - user_t).max() <= 1e-4
         for level in range(CFG.sid_levels):
             tokens = np.random.default_rng(level).integers(0, CFG.codebook_size, (b, 6, level))
             ours = onnx.step(tokens, keep, kv)
@@ -85,7 +87,7 @@ def test_beam_search_top10_matches_torch(exported) -> None:
     sids = np.random.default_rng(1).integers(0, CFG.codebook_size, (300, CFG.sid_levels))
     trie = SIDTrie.from_codes(sids, CFG.codebook_size)
     inputs = _pathways(3, 20, 64, 200, seed=9)
-    keep, kv = onnx.encode(inputs)
+    keep, kv, _ = onnx.encode(inputs)
     with torch.no_grad():
         memory, keep_t = model.encoder(**{k: torch.from_numpy(inputs[k]) for k in PATHWAY_INPUTS})
         kv_t = model.decoder.cross_kv(memory)
@@ -109,4 +111,5 @@ def test_parity_report_measures_what_the_tests_assert(exported) -> None:
     p = parity(model, onnx, pathways, trie, beam_width=32)
     assert p.requests == 2 and p.top10_equal == 2
     assert 0 <= p.kv_max_abs <= 1e-4 and 0 <= p.step_max_abs <= 1e-4
+    assert 0 <= p.user_max_abs <= 1e-4
     assert "top-10 identical for 2/2" in str(p)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from onerec.model import N_FLAGS, OneRec, OneRecConfig, flops_per_request
+from onerec.ranking import rank_candidates
 
 
 def _model(cfg: OneRecConfig, seed: int = 0) -> OneRec:
@@ -75,7 +75,8 @@ SMALL = OneRecConfig(
 def _request_flops(
     model: OneRec, cfg: OneRecConfig, beam: int, life: int, short: int | None = None, positive=None
 ) -> int:
-    """What serving executes for one request: encoder once, cross K/V once, L decode steps."""
+    """What serving executes for one request: encoder once, cross K/V once, L decode steps,
+    then the ranking stage scores ``beam`` candidates."""
     inputs = _inputs(cfg, 1, life, short=short, positive=positive)
     model.requires_grad_(False)  # the counter's module tracker trips over leaf parameters
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -85,6 +86,8 @@ def _request_flops(
         for _ in range(cfg.sid_levels):
             logp = model.decoder.step(tokens, kv, keep)
             tokens = torch.cat([tokens, logp.argmax(-1, keepdim=True)], dim=-1)
+        candidates = model.encoder.item.weight[1 : beam + 1]
+        candidates @ model.user(inputs["short_items"])[0]
     return counter.get_total_flops()
 
 
@@ -198,46 +201,78 @@ def test_multi_target_loss_averages_the_targets_and_ignores_padding() -> None:
         torch.testing.assert_close(padded, model.loss(inputs, a))
 
 
-def test_next_item_objective_learns_transitions_through_the_shared_item_table() -> None:
-    """Item ``k`` is always followed by ``k + 1``: training the objective alone must drive
-    its loss far down, and only through the item-ID table the pathways also read."""
-    model = _model(SMALL).train()
-    objective = model.next_item
-    window = SMALL.next_item_window + 1
-    starts = torch.randint(1, SMALL.n_items - window, (32, 1))
+def _successor_windows(n: int) -> torch.Tensor:
+    """(n, short_len + 1) windows in which item ``k`` is always followed by ``k + 1``."""
+    window = SMALL.short_len + 1
+    starts = torch.randint(
+        1, SMALL.n_items - window, (n, 1), generator=torch.Generator().manual_seed(0)
+    )
     recent = starts + torch.arange(window)
-    recent[:8, :30] = 0  # some short histories, left-padded
-    params = [*objective.parameters(), model.encoder.item.weight]
+    recent[: n // 4, :12] = 0  # some short histories, left-padded
+    return recent
+
+
+def test_next_item_head_learns_transitions_and_ranks_the_true_successor_first() -> None:
+    """Training the head alone drives its loss far down, through the item-ID table the
+    pathways also read; then the served user vector, read from the short-term pathway
+    (newest first), scores each user's true next item above 49 other candidates."""
+    model = _model(SMALL).train()
+    head = model.next_item
+    recent = _successor_windows(32)
+    params = [*head.parameters(), model.encoder.item.weight]
     opt = torch.optim.Adam(params, lr=3e-3)
-    first = objective(model.encoder.item, recent).item()
-    for _ in range(60):
-        loss = objective(model.encoder.item, recent)
+    first = head.loss(model.encoder.item, recent).item()
+    for _ in range(80):
+        loss = head.loss(model.encoder.item, recent)
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first, (first, loss.item())
     assert model.encoder.item.weight.grad.abs().sum() > 0
+    model.eval()
+    history, target = recent[:, :-1], recent[:, -1]
+    others = torch.randint(
+        1, SMALL.n_items + 1, (32, 49), generator=torch.Generator().manual_seed(1)
+    )
+    others = torch.where(others == target[:, None], 1 + target[:, None] % SMALL.n_items, others)
+    tokens = torch.cat([others, target[:, None]], 1).numpy()  # the true item last: no tie help
+    with torch.no_grad():
+        users = model.user(history.flip(1)).numpy()
+    table = model.encoder.item.weight.detach().numpy()
+    order, _ = rank_candidates(users, table, tokens, np.zeros(tokens.shape, np.float32))
+    assert (order[:, 0] == 49).mean() > 0.8
 
 
-def test_next_item_objective_adds_to_the_sid_loss_and_handles_padded_windows() -> None:
+def test_user_vector_reads_the_short_term_pathway_as_training_reads_its_windows() -> None:
+    """Serving passes the short-term items newest first and right-padded to the batch's
+    longest; training passes windows oldest first and left-padded. Both must give the same
+    vector, whatever the padding."""
+    model = _model(SMALL)
+    recent = _successor_windows(8)
+    history = recent[:, :-1]
+    with torch.no_grad():
+        trained = model.next_item.states(model.encoder.item, history)[:, -1]
+        served = model.user(history.flip(1))
+        newest = history.flip(1)[:, :12]  # a user with 12 events, in a batch padded to 20
+        alone = model.user(newest)
+        padded = model.user(torch.cat([newest, torch.zeros(8, 8, dtype=torch.long)], 1))
+        shorter = model.user(newest[:, :5])
+    torch.testing.assert_close(served, trained)
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(shorter, alone, atol=1e-3)  # older items do count
+
+
+def test_next_item_loss_adds_to_the_sid_loss_and_handles_padded_windows() -> None:
     model = _model(SMALL)
     inputs = _inputs(SMALL, 2, 30)
     targets = torch.randint(0, SMALL.codebook_size, (2, SMALL.sid_levels))
-    recent = torch.zeros(2, SMALL.next_item_window + 1, dtype=torch.long)
+    recent = torch.zeros(2, SMALL.short_len + 1, dtype=torch.long)
     recent[:, -2:] = torch.tensor([[5, 6], [7, 8]])  # one (input, target) pair per row
     with torch.no_grad():
         sid = model.loss(inputs, targets)
-        torch.manual_seed(1)  # the same sampled negatives for both calls
         both = model.loss(inputs, targets, recent)
-        torch.manual_seed(1)
         parts = model.losses(inputs, targets, recent)
     assert torch.isfinite(both) and both > sid
     assert set(parts) == {"sid", "next_item"}
     torch.testing.assert_close(parts["sid"], sid)
     torch.testing.assert_close(parts["sid"] + parts["next_item"], both)
-    without = _model(dataclasses.replace(SMALL, next_item_window=0))
-    assert without.next_item is None
-    assert model.served_parameters() == without.served_parameters()
-    assert without.served_parameters() == sum(p.numel() for p in without.parameters())
-    with torch.no_grad():  # same seed, same weights: the objective changes no served output
-        torch.testing.assert_close(without.loss(inputs, targets, recent), sid)

@@ -15,6 +15,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+import torch
 from conftest import SERVING, Server, free_ports
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
@@ -22,7 +23,9 @@ from hypothesis import strategies as st
 
 from onerec import catalog
 from onerec.cli import main
-from onerec.repository import catalog_dir
+from onerec.experiment import load_catalog, load_model
+from onerec.pathways import EventArrays
+from onerec.repository import ENCODER, catalog_dir
 from onerec.v1 import recommender_pb2 as pb
 from onerec.v1 import recommender_pb2_grpc as pb_grpc
 from server.feature_store import SQLiteFeatureStore
@@ -71,6 +74,34 @@ def test_recommend_returns_real_unseen_items_with_their_sids(served, front) -> N
             assert tuple(item.semantic_id) == sid_of[item.item_id]
         scores = [item.score for item in r.items]
         assert scores == sorted(scores, reverse=True)
+
+
+def test_item_scores_add_the_user_vectors_score_to_the_sids_log_probability(served, front) -> None:
+    """The ranking stage, checked from outside: take away each item's dot product with the
+    user vector that the same weights give the user's last events in torch, and what is
+    left is its SID's log-probability (at most 0, the same for items of one SID); the
+    answer is in score order. (tests/test_ranking.py checks the exact order; with these
+    random weights the user's share of a score is small.)"""
+    _, ds, cfg, repo, art = served
+    _, stub = front
+    model = load_model(art, load_catalog(art)[1])
+    table = np.load(repo / ENCODER / "1" / "item_table.npy")
+    index = {item: i for i, item in enumerate(ds.items["item_id"].astype(str))}
+    events = EventArrays.from_dataset(ds)
+    for i in (11, 25):
+        h = events.user(i)
+        newest = torch.from_numpy(h.items[::-1][: cfg.short_len].copy() + 1)[None]
+        with torch.no_grad():
+            user = model.user(newest)[0].numpy()
+        r = stub.Recommend(pb.RecommendRequest(user_id=_user(served, i), count=10))
+        assert r.degraded == "" and len(r.items) == 10
+        scores = np.array([item.score for item in r.items])
+        assert (np.diff(scores) <= 0).all()
+        logp = scores - table[[index[item.item_id] + 1 for item in r.items]] @ user
+        assert (logp <= 1e-5).all()
+        by_sid: dict[tuple, float] = {}
+        for item, value in zip(r.items, logp, strict=True):
+            assert abs(by_sid.setdefault(tuple(item.semantic_id), value) - value) < 1e-4
 
 
 def test_exclusions_and_inline_events_are_never_returned(served, front) -> None:

@@ -78,11 +78,15 @@ def test_multi_targets_are_the_next_items_and_stop_before_the_held_out_event(set
 
 
 def test_next_item_windows_end_at_each_cut_with_the_first_target(setup) -> None:
+    """Each window is the short-term pathway's items, oldest first, then the first target:
+    the ranking stage trains on exactly what serving will hand it."""
     ds, catalog, cfg = setup
     source = SampleSource(ds, catalog, cfg, samples_per_user=50, seed=0)
     idx = np.arange(len(source))
-    _, targets, recent = source.batch(idx)
-    width = cfg.next_item_window + 1
+    inputs, targets, recent = source.batch(idx)
+    short = inputs["short_items"].numpy()
+    np.testing.assert_array_equal(recent[:, :-1].flip(1)[:, : short.shape[1]], short)
+    width = cfg.short_len + 1
     assert recent.shape == (len(source), width)
     for i in idx:
         u, cut = int(source.users[i]), int(source.cuts[i])

@@ -12,6 +12,8 @@ from onerec.export import PATHWAY_INPUTS
 from onerec.model import OneRecConfig
 from onerec.onnx_model import OnnxEncoder
 
+OUTPUTS = ("keep", "cross_kv", "user")  # encode_batch's order
+
 
 def _error(e: Exception) -> pb_utils.TritonError:
     """A bad request is INVALID_ARGUMENT for the client; a failed batch stays INTERNAL."""
@@ -42,7 +44,7 @@ class TritonPythonModel:
             pb_utils.InferenceResponse(error=_error(r))
             if isinstance(r, Exception)
             else pb_utils.InferenceResponse(
-                [pb_utils.Tensor("keep", r[0]), pb_utils.Tensor("cross_kv", r[1])]
+                [pb_utils.Tensor(name, a) for name, a in zip(OUTPUTS, r, strict=True)]
             )
             for r in results
         ]
