@@ -412,8 +412,9 @@ class NextItemHead(nn.Module):
     so the head also teaches that table the item-to-item transitions the pathways read.
 
     Training scores each position's successor with a softmax over the whole item table:
-    SASRec learns from a target at every position, and against uniform sampled negatives
-    the same head ranked worse (0.039 against 0.047 NDCG@10).
+    SASRec learns from a target at every position. Against 2,048 uniform sampled negatives
+    the same head, used alone as a recommender on ml-latest-small, ranked worse (NDCG@10
+    0.039 against 0.047).
     """
 
     def __init__(self, cfg: OneRecConfig) -> None:
