@@ -64,7 +64,6 @@ def train_artifacts(
     path = artifacts / "model" / "checkpoint.pt"
     result = train(model, source, train_cfg, path, resume)
     if train_cfg.keep_best:  # the validation events were held out of training
-        torch.set_num_threads(train_cfg.threads)
         fit = fit_rank_weight(model.eval(), ds, catalog, index, validation_split(ds))
         result["rank_weight"] = float(model.next_item.rank_weight)
         result["rank_weight_ndcg@10"] = {str(w): round(v, 4) for w, v in fit.items()}
