@@ -3,6 +3,7 @@ the real tritonserver (conftest ``served``) and the SQLite feature store on disk
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import signal
@@ -17,6 +18,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import SERVING, Server, free_ports
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -363,34 +368,31 @@ def test_triton_outage_falls_back_and_recovers(served, tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory):
-    openssl = shutil.which("openssl")
-    if openssl is None:  # like the shared data: CI must run TLS, token, shedding and drain
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("CI=true but there is no openssl binary to make a test certificate")
-        pytest.skip("no openssl binary to make a test certificate")
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-keyout",
-            str(d / "key.pem"),
-            "-out",
-            str(d / "cert.pem"),
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost",
-        ],
-        check=True,
-        capture_output=True,
+    """A self-signed certificate for localhost, made in-process (no openssl binary needed),
+    and the bearer token file."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
     )
+    d = tmp_path_factory.mktemp("tls")
+    (d / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (d / "token").write_text("s3cret\n")
     return d
 
