@@ -85,9 +85,9 @@ def test_ragged_requests_decode_as_if_alone(onnx) -> None:
     for i, r in enumerate(requests):
         keep, kv, user = encode_batch(encoder, [r])[0]
         np.testing.assert_allclose(encoded[i][2], user, atol=1e-5)  # the ranking stage too
-        alone = decode_batch(decoder, trie, [decoder_requests[i] | {"keep": keep, "cross_kv": kv}])[
-            0
-        ]
+        [alone] = decode_batch(
+            decoder, trie, [decoder_requests[i] | {"keep": keep, "cross_kv": kv}]
+        )
         assert together[i].sids.shape == (1, counts[i], 3)
         np.testing.assert_array_equal(together[i].sids, alone.sids)
         np.testing.assert_allclose(together[i].scores, alone.scores, atol=1e-5)
