@@ -148,7 +148,8 @@ def _build_model(out: Path, args: argparse.Namespace) -> None:
     if checkpoint.is_file() and not args.force:
         console.print(f"reusing model in {checkpoint} (--force retrains)")
     else:
-        result = train_artifacts(out, TrainConfig(max_minutes=args.minutes), {})
+        cfg = TrainConfig(max_minutes=args.minutes, ranker_minutes=args.ranker_minutes)
+        result = train_artifacts(out, cfg, {})
         console.print(
             f"trained {result['parameters']:,} parameters: {_losses_text(result)} "
             f"in {result['seconds']:.0f}s"
@@ -245,6 +246,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         samples_per_user=args.samples_per_user,
         max_minutes=args.minutes,
+        ranker_minutes=args.ranker_minutes,
         threads=args.threads,
         seed=args.seed,
         keep_best=args.keep_best,
@@ -258,6 +260,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_budget_knobs(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    p.add_argument(
+        "--minutes", type=float, default=defaults.max_minutes, help="SID model's time budget"
+    )
+    p.add_argument(
+        "--ranker-minutes",
+        type=float,
+        default=defaults.ranker_minutes,
+        help="then the ranking stage's, on its own",
+    )
+
+
 def _losses_text(result: dict) -> str:
     text = f"SID loss {result['loss']:.3f}"
     if "next_item_loss" in result:
@@ -269,6 +283,12 @@ def _print_kept_epoch(result: dict) -> None:
     if "best_epoch" in result:
         console.print(
             f"kept epoch {result['best_epoch']} (validation loss {result['validation_loss']:.3f})"
+        )
+    if "ranker_validation_loss" in result:
+        console.print(
+            f"ranking stage alone: {result['ranker_epochs']} epochs, kept epoch "
+            f"{result['ranker_best_epoch']} (validation next-item loss "
+            f"{result['ranker_validation_loss']:.3f})"
         )
     if "rank_weight" in result:
         fit = ", ".join(f"{w}: {v:.4f}" for w, v in result["rank_weight_ndcg@10"].items())
@@ -586,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if artefacts exist")
     p.add_argument("--until", choices=STAGES, default="repository", help="last stage to build")
     p.add_argument("--repository", default=str(TEMPLATE), help="Triton model repository")
-    p.add_argument("--minutes", type=float, default=TrainConfig().max_minutes)
+    _add_budget_knobs(p, TrainConfig())
     p.add_argument("--encoder-instances", type=int, default=1)
     p.add_argument("--decoder-instances", type=int, default=1)
     _add_synthetic_knobs(p)
@@ -616,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the OneRec model on a built artefact directory")
     p.add_argument("--artifacts", default="artifacts/synthetic")
     p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--minutes", type=float, default=defaults.max_minutes, help="time budget")
+    _add_budget_knobs(p, defaults)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--samples-per-user", type=int, default=defaults.samples_per_user)
     p.add_argument("--threads", type=int, default=defaults.threads)

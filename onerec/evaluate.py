@@ -63,7 +63,7 @@ class SIDIndex:
         return out, source
 
 
-RANK_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0)  # 0: beam order alone; 1: a product of experts
+RANK_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # 0: beam order alone; 1: product of experts
 
 
 @dataclass(frozen=True)
@@ -119,14 +119,14 @@ def candidates(
     )
     items, source = index.expand(leaves)
     sid_logp = np.take_along_axis(result.scores, np.maximum(source, 0), axis=1)
-    users = model.next_item.user(model.encoder.item, inputs["short_items"]).numpy()
+    users = model.next_item.user(inputs["short_items"]).numpy()
     return Candidates(items, sid_logp, users)
 
 
 def served_ranking(model: OneRec) -> tuple[np.ndarray, float]:
-    """The item-ID table and the fitted weight the ranking stage serves with: the arguments
+    """The ranking stage's item table and fitted weight, as served: the arguments
     of :meth:`Candidates.ranked` that reproduce the server's order."""
-    return model.encoder.item.weight.detach().numpy(), float(model.next_item.rank_weight)
+    return model.next_item.items.weight.detach().numpy(), float(model.next_item.rank_weight)
 
 
 def fit_rank_weight(

@@ -29,7 +29,15 @@ from onerec.metrics import Split, gains, leave_last_out, scorer_ranks
 from onerec.model import OneRec, OneRecConfig
 from onerec.semantic_ids import load_item_sids
 from onerec.tokenizer import SemanticTokenizer
-from onerec.train import Catalog, SampleSource, TrainConfig, build_model, model_config, train
+from onerec.train import (
+    Catalog,
+    SampleSource,
+    TrainConfig,
+    build_model,
+    model_config,
+    train,
+    train_ranker,
+)
 
 log = logging.getLogger(__name__)
 METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
@@ -63,11 +71,13 @@ def train_artifacts(
     )
     path = artifacts / "model" / "checkpoint.pt"
     result = train(model, source, train_cfg, path, resume)
+    result |= train_ranker(model, source, train_cfg)
+    result["seconds"] += result["ranker_seconds"]  # all of it: SASRec gets as much
     if train_cfg.keep_best:  # the validation events were held out of training
         fit = fit_rank_weight(model.eval(), ds, catalog, index, validation_split(ds))
         result["rank_weight"] = float(model.next_item.rank_weight)
         result["rank_weight_ndcg@10"] = {str(w): round(v, 4) for w, v in fit.items()}
-        _store_rank_weight(path, result["rank_weight"])
+    _store_ranker(path, model)
     result["parameters"] = sum(p.numel() for p in model.parameters())
     result["samples"] = len(source)
     (artifacts / "model" / "train.json").write_text(json.dumps(result, indent=2))
@@ -86,12 +96,14 @@ def validation_split(ds: Dataset, max_users: int = 512, seed: int = 0) -> Split:
     return split.subset(np.sort(rows))
 
 
-def _store_rank_weight(path: Path, weight: float) -> None:
-    """Write the fitted weight into the checkpoint's served and resumable weights alike."""
+def _store_ranker(path: Path, model: OneRec) -> None:
+    """Write the ranking stage, trained on alone and with its fitted weight, into the
+    checkpoint's served and resumable weights alike."""
     state = torch.load(path, weights_only=False)
+    head = {f"next_item.{k}": v for k, v in model.next_item.state_dict().items()}
     for weights in (state["model"], state.get("best", {}).get("model")):
         if weights is not None:
-            weights["next_item.rank_weight"] = torch.tensor(weight)
+            weights.update(head)
     torch.save(state, path)
 
 
@@ -103,7 +115,10 @@ def load_model(artifacts: Path, catalog: Catalog) -> OneRec:
             f"{artifacts}/model: a checkpoint from before the ranking stage; train it again"
         )
     model = build_model(OneRecConfig(**config), catalog)
-    model.load_state_dict(state["best"]["model"] if state.get("best") else state["model"])
+    weights = state["best"]["model"] if state.get("best") else state["model"]
+    # Before the ranking phase the head served the encoder's table: the same scores.
+    weights.setdefault("next_item.items.weight", weights["encoder.item.weight"])
+    model.load_state_dict(weights)
     return model.eval()
 
 

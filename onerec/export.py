@@ -4,8 +4,8 @@
   for every decoder layer the cross-attention keys and values, and the ranking stage's
   ``user`` vector. Batch and every sequence length are dynamic axes. K/V leave the
   encoder already projected, so the decoder never recomputes them per beam or per step.
-* ``item_table.npy``: the (n_items + 2, d) item-ID table that ``user`` scores candidate
-  items against (:mod:`onerec.ranking`); the front end holds it.
+* ``item_table.npy``: the ranking stage's (n_items + 2, d) item table that ``user`` scores
+  candidate items against (:mod:`onerec.ranking`); the front end holds it.
 * ``decoder_step_{t}.onnx``: SID prefixes ``tokens`` (B, W, t) plus ``keep`` and the K/V
   -> log-probabilities (B, W, K) of level ``t``. One graph per level because the prefix
   length fixes the graph; level 0 takes no tokens (all beams share BOS) and returns
@@ -142,7 +142,7 @@ def export(model: OneRec, out: str | Path) -> list[Path]:
             )
             paths.append(path)
     paths.append(out / "item_table.npy")
-    np.save(paths[-1], model.encoder.item.weight.detach().numpy())
+    np.save(paths[-1], model.next_item.items.weight.detach().numpy())
     return paths
 
 

@@ -20,7 +20,8 @@ budget dropped validation Recall@10 from 0.070 to 0.048;
 keeping the best epoch, 5 of 10, held it at 0.067).
 
 Each batch also carries, per sample, the item tokens of the ``short_len`` events before
-its cut and the one at it, for the model's ranking stage (its next-item loss).
+its cut and the one at it, for the model's ranking stage (its next-item loss). After the
+SID model, :func:`train_ranker` trains that stage alone, on every training event.
 
 AdamW with linear warm-up and cosine decay; checkpoints after every epoch hold model,
 optimiser, scheduler and RNG state, and the best epoch's weights, so ``resume=True``
@@ -43,7 +44,7 @@ from tqdm import tqdm
 
 from onerec.data.schema import Dataset
 from onerec.lifelong import Compressed, compress_history
-from onerec.model import OneRec, OneRecConfig
+from onerec.model import NextItemHead, OneRec, OneRecConfig
 from onerec.pathways import EventArrays, build_pathways, collate, windows
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ class TrainConfig:
     warmup_steps: int = 50
     samples_per_user: int = 8
     targets_per_sample: int = 8
-    max_minutes: float = 4.5
+    max_minutes: float = 4.0
+    ranker_minutes: float = 0.5  # then the ranking stage alone (train_ranker)
     threads: int = 2
     seed: int = 0
     keep_best: bool = True  # validate on each user's second-to-last event, keep the best epoch
@@ -355,8 +357,96 @@ def train(
     if best:
         model.load_state_dict(best["model"])
         result |= {"best_epoch": best["epoch"], "validation_loss": best["loss"]}
+    with torch.no_grad():  # the ranking stage serves its own copy (NextItemHead)
+        model.next_item.items.weight.copy_(model.encoder.item.weight)
     model.eval()
     return result
+
+
+def ranker_windows(source: SampleSource) -> np.ndarray:
+    """Every training event once as a next-item target: each user's events before the held
+    out ones, cut from the newest back into windows of ``short_len + 1`` tokens that
+    overlap by one (oldest first, the oldest window left-padded)."""
+    length = source.cfg.short_len + 1
+    offsets = source.events.offsets
+    starts, ends = offsets[:-1], offsets[1:] - source.held_out
+    counts = np.maximum(ends - starts - 1, 0)
+    counts = (counts + length - 2) // (length - 1)
+    user = np.repeat(np.arange(len(starts)), counts)
+    back = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return windows(source.events.items, starts[user], ends[user] - back * (length - 1), length)
+
+
+def train_ranker(
+    model: OneRec, source: SampleSource, cfg: TrainConfig, progress: bool = True
+) -> dict[str, float]:
+    """Train the ranking stage alone for ``cfg.ranker_minutes``, after :func:`train`.
+
+    The SID model saturates early (its best epoch on the validation events comes well
+    before the budget ends) while a next-item model keeps improving for hundreds of
+    epochs (SASRec's paper trains 200). So the head goes on by itself, on every training
+    event per epoch, with dropout, and keeps the epoch with the lowest next-item loss on
+    the validation events. In make eval (4 minutes of it) OneRec's NDCG@10 on
+    ml-latest-small rose from 0.70x SASRec's to 0.99x (0.0506 against 0.0510).
+    """
+    head = model.next_item
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    validation = _ranker_validation(source)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0)
+    started = time.perf_counter()
+    best = {"epoch": 0, "loss": math.inf, "state": deepcopy(head.state_dict())}
+    if validation is not None:
+        best["loss"] = _ranker_loss(head, validation)
+    chunks = ranker_windows(source)
+
+    def within_budget() -> bool:
+        return time.perf_counter() - started < 60 * cfg.ranker_minutes
+
+    epoch = 0
+    while len(chunks) and within_budget():
+        head.train()
+        order = rng.permutation(len(chunks))
+        steps = range(0, len(chunks), cfg.batch_size)
+        bar = tqdm(steps, desc=f"ranker epoch {epoch + 1}", disable=not progress)
+        for lo in bar:
+            window = torch.from_numpy(chunks[order[lo : lo + cfg.batch_size]])
+            loss = head.loss(head.items, window)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if not within_budget():
+                break
+        epoch += 1
+        loss = _ranker_loss(head, validation) if validation is not None else -math.inf
+        if loss <= best["loss"]:  # without validation events, the latest epoch
+            best = {"epoch": epoch, "loss": loss, "state": deepcopy(head.state_dict())}
+    head.load_state_dict(best["state"])
+    model.eval()
+    result = {"ranker_epochs": epoch, "ranker_best_epoch": best["epoch"]}
+    if validation is not None:
+        result["ranker_validation_loss"] = best["loss"]
+    return result | {"ranker_seconds": time.perf_counter() - started}
+
+
+def _ranker_validation(source: SampleSource) -> torch.Tensor | None:
+    """Windows that end at each user's validation event (second-to-last); None when
+    training held none out."""
+    if source.held_out < 2:
+        return None
+    offsets = source.events.offsets
+    starts, ends = offsets[:-1], offsets[1:] - 1
+    keep = ends - starts >= 2
+    length = source.cfg.short_len + 1
+    return torch.from_numpy(windows(source.events.items, starts[keep], ends[keep], length))
+
+
+@torch.no_grad()
+def _ranker_loss(head: NextItemHead, validation: torch.Tensor) -> float:
+    """Mean next-item cross-entropy of the validation windows' newest event."""
+    head.eval()
+    return head.loss(head.items, validation, last=True).item()
 
 
 @torch.no_grad()

@@ -81,6 +81,7 @@ def test_full_build_fills_a_model_repository(tmp_path) -> None:
     out, repo = tmp_path / "art", tmp_path / "repo"
     small = ["--users", "30", "--items", "120", "--max-history", "200", "--codebook-size", "8"]
     build = ["build", "--out", str(out), "--repository", str(repo), "--minutes", "0.05"]
+    build += ["--ranker-minutes", "0.01"]
     assert main([*build, "--decoder-instances", "2", *small]) == 0
     assert (out / "model" / "checkpoint.pt").is_file()
     assert (repo / "onerec_encoder" / "1" / "encoder.onnx").is_file()

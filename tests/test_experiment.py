@@ -6,9 +6,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from onerec.cli import main
-from onerec.experiment import target_checks
+from onerec.experiment import load_catalog, load_model, target_checks
 from onerec.metrics import MISS
 
 TINY_DATA = ["--users", "40", "--items", "150", "--max-history", "300", "--codebook-size", "8"]
@@ -19,6 +20,7 @@ def test_build_train_eval_writes_the_report(tmp_path) -> None:
     art = tmp_path / "art"
     assert main(["build", "--out", str(art), "--until", "tokenizer", *TINY_DATA]) == 0
     train = ["train", "--artifacts", str(art), "--epochs", "1", "--threads", "1", *TINY_MODEL]
+    train += ["--ranker-minutes", "0.01"]
     assert main(train) == 0
     assert (art / "model" / "checkpoint.pt").is_file()
     assert json.loads((art / "model" / "train.json").read_text())["epochs"] == 1
@@ -39,6 +41,7 @@ def test_build_train_eval_writes_the_report(tmp_path) -> None:
     assert all(c["se"] >= 0.0 for c in checks)
     training = report["datasets"]["tiny"]["training"]  # which weights the numbers are from
     assert training["onerec"]["epochs"] == 1 and training["onerec"]["best_epoch"] == 1
+    assert training["onerec"]["ranker_epochs"] >= 1  # then the ranking stage alone
     assert training["sasrec"]["epochs"] >= 1 and training["sasrec"]["seconds"] > 0
 
     assert main(["export", "--artifacts", str(art)]) == 0
@@ -48,6 +51,16 @@ def test_build_train_eval_writes_the_report(tmp_path) -> None:
         "encoder.onnx",
         "item_table.npy",
     ]
+
+    # A checkpoint from before the ranking phase, whose head scored against the encoder's
+    # table, still loads and ranks as it did.
+    checkpoint = art / "model" / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    for weights in (state["model"], state["best"]["model"]):
+        del weights["next_item.items.weight"]
+    torch.save(state, checkpoint)
+    model = load_model(art, load_catalog(art)[1])
+    torch.testing.assert_close(model.next_item.items.weight, model.encoder.item.weight)
 
 
 def hits(n_users: int, n_hits: int, rank: int = 0) -> np.ndarray:

@@ -213,22 +213,20 @@ def _successor_windows(n: int) -> torch.Tensor:
 
 
 def test_next_item_head_learns_transitions_and_ranks_the_true_successor_first() -> None:
-    """Training the head alone drives its loss far down, through the item-ID table the
-    pathways also read; then the served user vector, read from the short-term pathway
-    (newest first), scores each user's true next item above 49 other candidates."""
+    """Training the head alone, as the ranking phase does, on its own item table drives its
+    loss far down; then the served user vector, read from the short-term pathway (newest
+    first), scores each user's true next item above 49 other candidates."""
     model = _model(SMALL).train()
     head = model.next_item
     recent = _successor_windows(32)
-    params = [*head.parameters(), model.encoder.item.weight]
-    opt = torch.optim.Adam(params, lr=3e-3)
-    first = head.loss(model.encoder.item, recent).item()
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    first = head.loss(head.items, recent).item()
     for _ in range(80):
-        loss = head.loss(model.encoder.item, recent)
+        loss = head.loss(head.items, recent)
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first, (first, loss.item())
-    assert model.encoder.item.weight.grad.abs().sum() > 0
     model.eval()
     history, target = recent[:, :-1], recent[:, -1]
     others = torch.randint(
@@ -238,9 +236,32 @@ def test_next_item_head_learns_transitions_and_ranks_the_true_successor_first() 
     tokens = torch.cat([others, target[:, None]], 1).numpy()  # the true item last: no tie help
     with torch.no_grad():
         users = model.user(history.flip(1)).numpy()
-    table = model.encoder.item.weight.detach().numpy()
+    table = head.items.weight.detach().numpy()
     order, _ = rank_candidates(users, table, tokens, np.zeros(tokens.shape, np.float32))
     assert (order[:, 0] == 49).mean() > 0.8
+
+
+def test_joint_next_item_loss_trains_the_encoder_table_not_the_served_copy() -> None:
+    """With the SID model the head teaches the table the pathways read; its served copy
+    is only trained in the ranking phase, so that phase never moves the SID model's input."""
+    model = _model(SMALL).train()
+    inputs = _inputs(SMALL, 2, 30)
+    targets = torch.randint(0, SMALL.codebook_size, (2, SMALL.sid_levels))
+    model.losses(inputs, targets, _successor_windows(4))["next_item"].backward()
+    assert model.encoder.item.weight.grad.abs().sum() > 0
+    assert model.next_item.layers[0].attn.q.weight.grad.abs().sum() > 0
+    assert model.next_item.items.weight.grad is None
+
+
+def test_head_loss_of_the_newest_position_only() -> None:
+    """Validation scores each window's last event, not every position of it."""
+    head = _model(SMALL).next_item
+    recent = _successor_windows(8)
+    with torch.no_grad():
+        logits = head.states(head.items, recent[:, :-1])[:, -1] @ head.items.weight[1:-1].T
+        expected = torch.nn.functional.cross_entropy(logits, recent[:, -1] - 1)
+        torch.testing.assert_close(head.loss(head.items, recent, last=True), expected)
+        assert head.loss(head.items, recent) != expected
 
 
 def test_user_vector_reads_the_short_term_pathway_as_training_reads_its_windows() -> None:
@@ -251,7 +272,7 @@ def test_user_vector_reads_the_short_term_pathway_as_training_reads_its_windows(
     recent = _successor_windows(8)
     history = recent[:, :-1]
     with torch.no_grad():
-        trained = model.next_item.states(model.encoder.item, history)[:, -1]
+        trained = model.next_item.states(model.next_item.items, history)[:, -1]
         served = model.user(history.flip(1))
         newest = history.flip(1)[:, :12]  # a user with 12 events, in a batch padded to 20
         alone = model.user(newest)

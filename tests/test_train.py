@@ -10,7 +10,16 @@ from onerec.data.synthetic import SyntheticConfig, generate
 from onerec.embeddings import item_embeddings
 from onerec.model import OneRec
 from onerec.tokenizer import SemanticTokenizer, TokenizerConfig
-from onerec.train import Catalog, SampleSource, TrainConfig, build_model, model_config, train
+from onerec.train import (
+    Catalog,
+    SampleSource,
+    TrainConfig,
+    build_model,
+    model_config,
+    ranker_windows,
+    train,
+    train_ranker,
+)
 
 SIZES = {
     "d_model": 32,
@@ -96,6 +105,57 @@ def test_next_item_windows_end_at_each_cut_with_the_first_target(setup) -> None:
     np.testing.assert_array_equal(catalog.sids[recent[:, -1] - 1], targets[:, 0])
 
 
+def test_ranker_windows_make_every_training_event_a_target_once(setup) -> None:
+    """The ranking phase's epoch: each user's events after the first and before the held
+    out ones are targets exactly once, in windows of consecutive events."""
+    ds, catalog, cfg = setup
+    source = SampleSource(ds, catalog, cfg, samples_per_user=1, seed=0, validation=True)
+    ev = source.events
+    bounds = zip(ev.offsets[:-1], ev.offsets[1:], strict=True)
+    expected = np.concatenate([ev.items[lo + 1 : hi - 2] + 1 for lo, hi in bounds])
+    first = ranker_windows(source)
+    assert first.shape[1] == cfg.short_len + 1
+    real = (first[:, :-1] > 0) & (first[:, 1:] > 0)
+    np.testing.assert_array_equal(np.sort(first[:, 1:][real]), np.sort(expected))
+    for window in first:  # consecutive events of one user, left-padded
+        tokens = window[window > 0] - 1
+        lo = np.flatnonzero(ev.items == tokens[0])
+        assert any(np.array_equal(ev.items[i : i + len(tokens)], tokens) for i in lo)
+        assert (window[: len(window) - len(tokens)] == 0).all()
+
+
+def test_ranking_phase_trains_only_the_head_and_keeps_its_best_epoch(setup, monkeypatch) -> None:
+    """After training the served table starts as the encoder's; the ranking phase then
+    trains the head alone and keeps the epoch with the lowest validation next-item loss
+    (scripted here: this tiny synthetic set has no sequential signal to learn)."""
+    ds, catalog, cfg = setup
+    torch.manual_seed(0)
+    model = build_model(cfg, catalog)
+    source = SampleSource(ds, catalog, cfg, samples_per_user=6, seed=0, validation=True)
+    tc = TrainConfig(epochs=1, batch_size=32, warmup_steps=5, threads=1, ranker_minutes=0.02)
+    train(model, source, tc, progress=False)
+    torch.testing.assert_close(model.next_item.items.weight, model.encoder.item.weight)
+    sid_model = {k: v.clone() for k, v in model.state_dict().items() if "next_item" not in k}
+
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def scripted(head, validation):
+        assert len(validation) == ds.n_users  # one window per user, ending at its event
+        seen.append({k: v.clone() for k, v in head.state_dict().items()})
+        return {0: 5.0, 1: 4.0, 2: 3.0}.get(len(seen) - 1, 3.5)
+
+    monkeypatch.setattr("onerec.train._ranker_loss", scripted)
+    result = train_ranker(model, source, tc, progress=False)
+    assert result["ranker_epochs"] >= 3 and not model.training
+    assert (result["ranker_best_epoch"], result["ranker_validation_loss"]) == (2, 3.0)
+    for name, value in model.next_item.state_dict().items():
+        torch.testing.assert_close(value, seen[2][name], msg=name)
+    assert not torch.equal(seen[-1]["items.weight"], seen[2]["items.weight"])
+    for name, value in model.state_dict().items():
+        if name in sid_model:
+            torch.testing.assert_close(value, sid_model[name], msg=name)
+
+
 def test_validation_holds_out_each_users_second_to_last_event(setup) -> None:
     ds, catalog, cfg = setup
     source = SampleSource(
@@ -144,7 +204,9 @@ def test_training_keeps_the_epoch_with_the_lowest_validation_loss(
     assert (result["best_epoch"], result["validation_loss"]) == (2, 1.0)
     final = model.state_dict()
     for name, value in seen[1].items():
-        torch.testing.assert_close(final[name], value, msg=name)
+        if name != "next_item.items.weight":  # the ranking stage's copy, made at the end
+            torch.testing.assert_close(final[name], value, msg=name)
+    torch.testing.assert_close(final["next_item.items.weight"], seen[1]["encoder.item.weight"])
     assert any(not torch.equal(final[k], v) for k, v in seen[2].items())
     state = torch.load(ckpt, weights_only=False)
     assert state["best"]["epoch"] == 2 and state["epoch"] == 3
