@@ -432,21 +432,27 @@ def train_ranker(
 
 def _ranker_validation(source: SampleSource) -> torch.Tensor | None:
     """Windows that end at each user's validation event (second-to-last); None when
-    training held none out."""
-    if source.held_out < 2:
-        return None
+    training held none out or no user has one."""
     offsets = source.events.offsets
     starts, ends = offsets[:-1], offsets[1:] - 1
     keep = ends - starts >= 2
+    if source.held_out < 2 or not keep.any():
+        return None
     length = source.cfg.short_len + 1
     return torch.from_numpy(windows(source.events.items, starts[keep], ends[keep], length))
 
 
 @torch.no_grad()
-def _ranker_loss(head: NextItemHead, validation: torch.Tensor) -> float:
-    """Mean next-item cross-entropy of the validation windows' newest event."""
+def _ranker_loss(head: NextItemHead, validation: torch.Tensor, chunk: int = 512) -> float:
+    """Mean next-item cross-entropy of the validation windows' newest event (one per
+    window), ``chunk`` windows at a time: the logits of every user at once would be
+    (users, n_items)."""
     head.eval()
-    return head.loss(head.items, validation, last=True).item()
+    total = sum(
+        head.loss(head.items, part, last=True).item() * len(part)
+        for part in validation.split(chunk)
+    )
+    return total / len(validation)
 
 
 @torch.no_grad()

@@ -14,6 +14,8 @@ from onerec.train import (
     Catalog,
     SampleSource,
     TrainConfig,
+    _ranker_loss,
+    _ranker_validation,
     build_model,
     model_config,
     ranker_windows,
@@ -154,6 +156,18 @@ def test_ranking_phase_trains_only_the_head_and_keeps_its_best_epoch(setup, monk
     for name, value in model.state_dict().items():
         if name in sid_model:
             torch.testing.assert_close(value, sid_model[name], msg=name)
+
+
+def test_ranker_validation_loss_is_the_same_in_chunks(setup) -> None:
+    """Chunking bounds the logits' memory; each window counts once, whatever the chunk."""
+    ds, catalog, cfg = setup
+    source = SampleSource(ds, catalog, cfg, samples_per_user=1, seed=0, validation=True)
+    head = build_model(cfg, catalog).next_item
+    validation = _ranker_validation(source)
+    assert len(validation) % 7 != 0  # a ragged last chunk
+    with torch.no_grad():
+        whole = head.eval().loss(head.items, validation, last=True).item()
+    assert _ranker_loss(head, validation, chunk=7) == pytest.approx(whole, rel=1e-5)
 
 
 def test_validation_holds_out_each_users_second_to_last_event(setup) -> None:
