@@ -126,7 +126,7 @@ def candidates(
 def served_ranking(model: OneRec) -> tuple[np.ndarray, float]:
     """The ranking stage's item table and fitted weight, as served: the arguments
     of :meth:`Candidates.ranked` that reproduce the server's order."""
-    return model.next_item.items.weight.detach().numpy(), float(model.next_item.rank_weight)
+    return model.next_item.served_table().numpy(), float(model.next_item.rank_weight)
 
 
 def fit_rank_weight(

@@ -116,8 +116,12 @@ def load_model(artifacts: Path, catalog: Catalog) -> OneRec:
         )
     model = build_model(OneRecConfig(**config), catalog)
     weights = state["best"]["model"] if state.get("best") else state["model"]
-    # Before the ranking phase the head served the encoder's table: the same scores.
+    # Before the ranking phase the head served the encoder's ID table, with no side
+    # information: the same scores.
     weights.setdefault("next_item.items.weight", weights["encoder.item.weight"])
+    for name in ("vector", "author", "tag", "codes"):
+        side = getattr(model.next_item, name).weight
+        weights.setdefault(f"next_item.{name}.weight", torch.zeros_like(side))
     model.load_state_dict(weights)
     return model.eval()
 

@@ -142,7 +142,7 @@ def export(model: OneRec, out: str | Path) -> list[Path]:
             )
             paths.append(path)
     paths.append(out / "item_table.npy")
-    np.save(paths[-1], model.next_item.items.weight.detach().numpy())
+    np.save(paths[-1], model.next_item.served_table().numpy())
     return paths
 
 

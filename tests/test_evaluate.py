@@ -76,7 +76,7 @@ def test_ranking_weight_zero_keeps_the_beam_order_and_a_weight_reorders(tiny) ->
     ds, catalog, model, index = tiny
     split = leave_last_out(ds)
     found = candidates(model, ds, catalog, index, split, np.arange(4), beam_width=16)
-    table = model.next_item.items.weight.detach().numpy()
+    table = model.next_item.served_table().numpy()
     np.testing.assert_array_equal(found.ranked(table, 0.0), found.items)
     reordered = found.ranked(100.0 * table, 1.0)  # the head's scores large enough to matter
     assert not (reordered == found.items).all()

@@ -236,7 +236,7 @@ def test_next_item_head_learns_transitions_and_ranks_the_true_successor_first() 
     tokens = torch.cat([others, target[:, None]], 1).numpy()  # the true item last: no tie help
     with torch.no_grad():
         users = model.user(history.flip(1)).numpy()
-    table = head.items.weight.detach().numpy()
+    table = head.served_table().numpy()
     order, _ = rank_candidates(users, table, tokens, np.zeros(tokens.shape, np.float32))
     assert (order[:, 0] == 49).mean() > 0.8
 
@@ -253,12 +253,54 @@ def test_joint_next_item_loss_trains_the_encoder_table_not_the_served_copy() -> 
     assert model.next_item.items.weight.grad is None
 
 
+def test_items_that_share_sid_codes_share_what_the_head_learns() -> None:
+    """An item never seen as a target rises with the item whose SID codes it shares, while
+    one whose codes differ falls, as every other item of the softmax does: the head's rows
+    are ID plus SID-code embeddings."""
+    torch.manual_seed(0)
+    n = SMALL.n_items + 2
+    sids = torch.randint(0, SMALL.codebook_size, (n, SMALL.sid_levels))
+    target, twin, stranger = 7, 8, 9
+    sids[twin] = sids[target]
+    sids[stranger] = (sids[target] + 1) % SMALL.codebook_size
+    head = OneRec(
+        SMALL,
+        item_vectors=torch.zeros(n, SMALL.item_vector_dim),  # no side information but SIDs
+        item_author=torch.zeros(n, dtype=torch.long),
+        item_tag=torch.zeros(n, dtype=torch.long),
+        item_sids=sids,
+    ).next_item
+    padding = head.served_table()[[0, -1]]
+    torch.testing.assert_close(padding, head.items.weight[[0, -1]].detach())  # no SID rows
+    windows = _successor_windows(32)
+    windows[:, -1] = target  # every window ends at the same item
+    history = windows[:, :-1]
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+
+    def scores() -> torch.Tensor:
+        head.eval()
+        with torch.no_grad():
+            users = head.states(head.items, history)[:, -1]
+            return (users @ head.served_table()[[twin, stranger]].T).mean(0)
+
+    before = scores()
+    for _ in range(30):
+        head.train()
+        loss = head.loss(head.items, windows, last=True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    rise = scores() - before  # every other item is a negative of the softmax: it falls
+    assert rise[0] > 1.0 and rise[1] < 0, rise
+
+
 def test_head_loss_of_the_newest_position_only() -> None:
     """Validation scores each window's last event, not every position of it."""
     head = _model(SMALL).next_item
     recent = _successor_windows(8)
     with torch.no_grad():
-        logits = head.states(head.items, recent[:, :-1])[:, -1] @ head.items.weight[1:-1].T
+        table = head.table(head.items)[1:-1]
+        logits = head.states(head.items, recent[:, :-1])[:, -1] @ table.T
         expected = torch.nn.functional.cross_entropy(logits, recent[:, -1] - 1)
         torch.testing.assert_close(head.loss(head.items, recent, last=True), expected)
         assert head.loss(head.items, recent) != expected
