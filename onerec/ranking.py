@@ -2,7 +2,7 @@
 
 The decoder proposes items (every one a real catalog item, through the trie) with the
 log-probability of their SID. The model's :class:`~onerec.model.NextItemHead` scores each
-of them too: the dot product of the user vector with the item's row of the item-ID table,
+of them too: the dot product of the user vector with the item's row of the head's table,
 a logit of its softmax over all items. An item's score is the SID's log-probability plus
 a weight times that logit: at weight 1, a product of the two models' probabilities (the
 head's normaliser is the same for every item of a user, so it does not change the order).
@@ -29,9 +29,9 @@ def rank_candidates(
     """Order (B, M) and scores (B, M) of candidate items, best first.
 
     ``users`` (B, d) are user vectors; ``tokens`` (B, M) index ``table``, the
-    (n_items + 2, d) item-ID table, with -1 for an empty slot (it sorts last, score -inf);
-    ``sid_logp`` (B, M) is the beam's log-probability of each candidate's SID. Ties keep
-    the beam order.
+    (n_items + 2, d) item table (``NextItemHead.served_table``), with -1 for an empty slot
+    (it sorts last, score -inf); ``sid_logp`` (B, M) is the beam's log-probability of
+    each candidate's SID. Ties keep the beam order.
     """
     vectors = table[np.maximum(tokens, 0)]  # (B, M, d)
     scores = sid_logp + np.einsum("bmd,bd->bm", vectors, users, dtype=np.float32)

@@ -9,7 +9,7 @@ pair a new trie with an old item table or the reverse. Within a version:
   by id for the rest, all vectorised over the candidates;
 * the rest are ordered by the model's ranking stage (:func:`onerec.ranking.rank_candidates`):
   an item's score is its SID's log-probability plus the user vector's dot product with
-  the item's row of the item-ID table (an item the model never saw uses the table's
+  the item's row of the ranking stage's item table (an item the model never saw uses its
   unknown-item row);
 * a SID that maps to no item is counted as illegal (it must never happen: the trie and
   the table come from the same files).
@@ -44,7 +44,7 @@ class CatalogView:
     row_by_id: dict[str, int]
     row_by_model: np.ndarray  # (n_model_items,) row of each model item index, -1 if absent
     tokens: np.ndarray  # (N,) the row's index into ``table``
-    table: np.ndarray  # (n_model_items + 2, d) the model's item-ID table, shared by versions
+    table: np.ndarray  # (n_model_items + 2, d) the ranking stage's item table, shared by versions
 
     @classmethod
     def build(
