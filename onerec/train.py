@@ -387,7 +387,8 @@ def train_ranker(
     epochs (SASRec's paper trains 200). So the head goes on by itself, on every training
     event per epoch, with dropout, and keeps the epoch with the lowest next-item loss on
     the validation events. In make eval (4 minutes of it) OneRec's NDCG@10 on
-    ml-latest-small rose from 0.70x SASRec's to 0.99x (0.0506 against 0.0510).
+    ml-latest-small rose from 0.70x SASRec's to 0.99x (0.0506 against 0.0510); with the
+    head's side information it was 0.0543 against 0.0543.
     """
     head = model.next_item
     torch.manual_seed(cfg.seed)
