@@ -141,6 +141,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 STAGES = ("data", "tokenizer", "model", "repository")
+STORE_HELP = (
+    "redis://host:port/db (password: $ONEREC_REDIS_PASSWORD) or a SQLite file "
+    "(default <artifacts>/features.sqlite)"
+)
 
 
 def _build_model(out: Path, args: argparse.Namespace) -> None:
@@ -170,17 +174,42 @@ def _build_model(out: Path, args: argparse.Namespace) -> None:
     repo = Path(args.repository)
     onnx = OnnxOneRec(repo / ENCODER / "1", decoder_directory=repo / DECODER / "1")
     _print_parity(model, onnx, out, catalog_index.trie)
-    from server.feature_store import load_dataset, stored_users
+    _load_features(out, args.feature_store or str(out / "features.sqlite"), args.force)
 
-    store = out / "features.sqlite"
-    if stored_users(store) and not args.force:
-        console.print(f"reusing feature store {store}")
-    else:
-        for path in (store, Path(f"{store}-wal"), Path(f"{store}-shm")):  # a stale WAL
-            path.unlink(missing_ok=True)  # would be replayed into the new file
-        started = time.perf_counter()
-        load_dataset(Dataset.load(out / "data"), store).close()
-        console.print(f"feature store {store} in {time.perf_counter() - started:.1f}s")
+
+def _load_features(artifacts: Path, store: str, force: bool) -> None:
+    """The initial feature store from the build's data set, unless it holds users."""
+    from server.feature_store import load_store, stored_users
+    from server.redis_store import redact
+
+    where = redact(store)
+    if stored_users(store) and not force:
+        console.print(f"reusing feature store {where} (--force replaces its users)")
+        return
+    started = time.perf_counter()
+    load_store(Dataset.load(artifacts / "data"), store, progress=console.is_terminal)
+    console.print(f"feature store {where} in {time.perf_counter() - started:.1f}s")
+
+
+def cmd_features_load(args: argparse.Namespace) -> int:
+    """Load the build's users and events into a feature store: the chart's Job, or a
+    Redis for a fleet. Waits up to --wait-s for the store to answer while it starts."""
+    from server.feature_store import StoreUnavailable, stored_users
+
+    store = args.feature_store or os.environ.get("ONEREC_FEATURE_STORE")
+    store = store or str(Path(args.artifacts) / "features.sqlite")
+    deadline = time.monotonic() + args.wait_s
+    while True:
+        try:
+            stored_users(store)
+            break
+        except StoreUnavailable as e:
+            if time.monotonic() > deadline:
+                console.print(f"[red]feature store unavailable:[/] {e}")
+                return 1
+            time.sleep(2.0)
+    _load_features(Path(args.artifacts), store, args.force)
+    return 0
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
@@ -345,7 +374,8 @@ def _print_parity(model, onnx: OnnxOneRec, artifacts: Path, trie, users: int = 8
 def cmd_triton(args: argparse.Namespace) -> int:
     """Serve a model repository with the local tritonserver until SIGINT/SIGTERM."""
     from server.triton_client import probe, repository_config
-    from server.triton_launcher import TritonPorts, TritonProcess, serve_forever
+    from server.triton_launcher import TritonPorts, TritonProcess
+    from server.triton_supervisor import TritonSupervisor, serve_forever
 
     logging.getLogger("server").setLevel(logging.INFO)
     cfg = repository_config(args.repository)
@@ -354,7 +384,7 @@ def cmd_triton(args: argparse.Namespace) -> int:
         if getattr(args, f"{name}_port") is not None:
             setattr(ports, name, getattr(args, f"{name}_port"))
     process = TritonProcess(args.repository, ports, probe=lambda url: probe(url, cfg))
-    return serve_forever(process)
+    return serve_forever(TritonSupervisor(process))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -365,6 +395,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import Settings, serve
     from server.triton_client import probe, repository_config
     from server.triton_launcher import TritonProcess
+    from server.triton_supervisor import TritonSupervisor
     from server.validation import MAX_BEAM_WIDTH
 
     logging.getLogger("server").setLevel(logging.INFO)
@@ -397,10 +428,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     triton = None
     if args.triton_url is None and not os.environ.get("ONEREC_TRITON_URL"):
         cfg = repository_config(s.repository)
-        triton = TritonProcess(s.repository, probe=lambda url: probe(url, cfg)).start()
+        process = TritonProcess(s.repository, probe=lambda url: probe(url, cfg))
+        triton = TritonSupervisor(process).start()
         s.triton_url = triton.grpc_url
     try:
-        asyncio.run(serve(s))
+        asyncio.run(serve(s, triton=triton))
     finally:
         if triton is not None:
             triton.stop()
@@ -609,9 +641,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_budget_knobs(p, TrainConfig())
     p.add_argument("--encoder-instances", type=int, default=1)
     p.add_argument("--decoder-instances", type=int, default=1)
+    p.add_argument("--feature-store", help=STORE_HELP)
     _add_synthetic_knobs(p)
     _add_tokenizer_knobs(p)
     p.set_defaults(func=cmd_build)
+
+    features = sub.add_parser("features", help="the feature store").add_subparsers(
+        dest="features_command", required=True
+    )
+    p = features.add_parser("load", help="load the build's users and events into a store")
+    p.add_argument("--artifacts", default="artifacts/synthetic")
+    p.add_argument("--feature-store", help=f"{STORE_HELP}; default $ONEREC_FEATURE_STORE")
+    p.add_argument("--force", action="store_true", help="replace the users a store holds")
+    p.add_argument("--wait-s", type=float, default=120.0, help="wait this long for the store")
+    p.set_defaults(func=cmd_features_load)
 
     data = sub.add_parser("data", help="make or convert data sets").add_subparsers(
         dest="data_command", required=True
@@ -673,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", help="build artefacts (default artifacts/synthetic)")
     p.add_argument("--repository", help="Triton model repository (default model_repository)")
     p.add_argument("--triton-url", help="a running Triton's gRPC host:port; else start one")
-    p.add_argument("--feature-store", help="SQLite file (default <artifacts>/features.sqlite)")
+    p.add_argument("--feature-store", help=STORE_HELP)
     p.add_argument("--port", type=int, help="gRPC port (default 50051)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464)")
     p.add_argument("--max-inflight", type=int, help="admission bound (default 64)")

@@ -8,11 +8,16 @@ TLS, an optional bearer token and message-size limits.
 Health of ``onerec.v1.Recommender`` is SERVING only while a real tiny inference through
 Triton succeeds: a loop probes every ``probe_interval_s`` and flips both that status and
 the service's ``model_ready`` (which routes requests to the popularity fallback while
-Triton is away, and back when it returns). The overall status ``""`` says the process can
-answer, the fallback included (Kubernetes routes and restarts on it), so a Triton outage
-neither empties the Service nor restarts healthy front ends. SIGTERM sets every status
-NOT_SERVING, keeps answering for ``drain_s`` (so load balancers stop sending first), lets
-in-flight calls finish within ``grace_s``, then exits.
+Triton is away, and back when it returns). The same loop pings the feature store and
+reports it as the health service ``onerec.FeatureStore``; both dependencies are also the
+gauge ``onerec_dependency_up``. With a local Triton (``onerec serve`` alone), its
+supervisor restarts a Triton that dies and counts ``onerec_triton_restarts_total``.
+
+The overall status ``""`` says the process can answer, the fallback included (Kubernetes
+routes and restarts on it), so a Triton or Redis outage neither empties the Service nor
+restarts healthy front ends. SIGTERM sets every status NOT_SERVING, keeps answering for
+``drain_s`` (so load balancers stop sending first), lets in-flight calls finish within
+``grace_s``, then exits.
 """
 
 from __future__ import annotations
@@ -35,17 +40,19 @@ from grpc_reflection.v1alpha import reflection
 
 from onerec.model import OneRecConfig
 from onerec.repository import ENCODER, catalog_dir
-from onerec.v1 import recommender_pb2, recommender_pb2_grpc
+from onerec.v1 import recommender_pb2
 from server.catalog import CatalogReader
-from server.feature_store import SQLiteFeatureStore
+from server.feature_store import StoreUnavailable, open_store
 from server.metrics import Metrics, measure_peak_flops
 from server.pathway_builder import PathwayBuilder
-from server.service import Context, RecommenderService
+from server.service import Context, RecommenderService, add_to_server
 from server.triton_client import TritonModel
+from server.triton_supervisor import TritonSupervisor
 from server.validation import Limits
 
 log = logging.getLogger(__name__)
 SERVICE = "onerec.v1.Recommender"
+STORE_HEALTH = "onerec.FeatureStore"
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 PROBE_FAILURES = 2
 
@@ -65,6 +72,7 @@ class Settings:
         default_factory=lambda: Path(_env("ONEREC_REPOSITORY", "model_repository"))
     )
     triton_url: str = field(default_factory=lambda: _env("ONEREC_TRITON_URL", "127.0.0.1:8001"))
+    # A redis:// URL (shared by every front end) or a SQLite file's path.
     feature_store: str | None = field(default_factory=lambda: _env("ONEREC_FEATURE_STORE"))
     port: int = field(default_factory=lambda: int(_env("ONEREC_PORT", "50051")))
     metrics_port: int = field(default_factory=lambda: int(_env("ONEREC_METRICS_PORT", "9464")))
@@ -84,8 +92,8 @@ class Settings:
         default_factory=lambda: Limits(max_count=int(_env("ONEREC_MAX_COUNT", "100")))
     )
 
-    def store_path(self) -> Path:
-        return Path(self.feature_store or self.artifacts / "features.sqlite")
+    def store(self) -> str:
+        return str(self.feature_store or self.artifacts / "features.sqlite")
 
 
 class BearerToken(grpc.aio.ServerInterceptor):
@@ -129,10 +137,7 @@ def build_context(s: Settings, model: TritonModel, metrics: Metrics) -> Context:
     table = np.load(s.repository / ENCODER / "1" / "item_table.npy")
     if table.shape != (cfg.n_items + 2, cfg.d_model):
         raise ValueError(f"{s.repository}: item table {table.shape} does not fit the model")
-    store_path = s.store_path()
-    if not store_path.is_file():
-        raise FileNotFoundError(f"{store_path}: no feature store (onerec build makes it)")
-    store = SQLiteFeatureStore(store_path)
+    store = open_store(s.store())
     return Context(
         cfg=cfg,
         store=store,
@@ -151,15 +156,18 @@ def build_context(s: Settings, model: TritonModel, metrics: Metrics) -> Context:
 class FrontEnd:
     """The running gRPC server with its health loop; ``await start()`` then ``wait()``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, triton: TritonSupervisor | None = None) -> None:
         self.s = settings
         self.metrics = Metrics(settings.peak_flops or measure_peak_flops())
+        if triton is not None:
+            triton.on_restart.append(self.metrics.triton_restarts.inc)
         self.model = TritonModel(settings.triton_url)
         self.ctx = build_context(settings, self.model, self.metrics)
         self.service = RecommenderService(self.ctx)
         self.health = health.aio.HealthServicer()
         self._probe_task: asyncio.Task | None = None
         self._failures = 0
+        self._store_up = True
         self.port = 0
 
     async def start(self) -> None:
@@ -179,7 +187,7 @@ class FrontEnd:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
         )
-        recommender_pb2_grpc.add_RecommenderServicer_to_server(self.service, self.server)
+        add_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (
             recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name,
@@ -198,6 +206,7 @@ class FrontEnd:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)  # process liveness
         self.service.model_ready = True  # so that the first probe's outcome is logged
         await self._set_health(await self.model.probe(self.ctx.cfg))
+        await self._check_store()
         self.ctx.catalog.get()  # load the live catalog before the first call
         await self.server.start()
         self.metrics.serve(s.metrics_port)
@@ -222,18 +231,30 @@ class FrontEnd:
         if ready != self.service.model_ready:
             log.warning("model %s", "ready" if ready else "unavailable: serving fallbacks")
         self.service.model_ready = ready
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if ready
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        await self.health.set(SERVICE, status)
+        self.metrics.dependency_up.labels("triton").set(ready)
+        await self.health.set(SERVICE, _status(ready))
+
+    async def _check_store(self) -> None:
+        """Ping the feature store; its health entry and gauge follow the answer."""
+        try:
+            await asyncio.to_thread(self.ctx.store.ping)
+            up = True
+        except StoreUnavailable as e:
+            up = False
+            if self._store_up:
+                log.warning("feature store unavailable: %s", e)
+        if up and not self._store_up:
+            log.info("feature store available")
+        self._store_up = up
+        self.metrics.dependency_up.labels("feature_store").set(up)
+        await self.health.set(STORE_HEALTH, _status(up))
 
     async def _probe_loop(self) -> None:
         while True:
             await asyncio.sleep(self.s.probe_interval_s)
             try:
                 await self._observe_probe(await self.model.probe(self.ctx.cfg))
+                await self._check_store()
             except Exception:  # the loop must outlive any surprise
                 log.exception("health probe failed unexpectedly")
 
@@ -255,13 +276,21 @@ class FrontEnd:
         await self.server.wait_for_termination()
 
 
-async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+def _status(up: bool) -> int:
+    return (
+        health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+
+
+async def serve(
+    settings: Settings, stop: asyncio.Event | None = None, triton: TritonSupervisor | None = None
+) -> None:
     """Run until SIGINT/SIGTERM (or ``stop``), then shut down gracefully."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    front = FrontEnd(settings)
+    front = FrontEnd(settings, triton)
     await front.start()
     user = front.ctx.store.any_user() or "u0"
     print(

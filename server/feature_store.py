@@ -1,7 +1,9 @@
 """Where the front end reads users' profiles and histories, and appends their events.
 
-:class:`FeatureStore` is the interface; :class:`SQLiteFeatureStore` is the embedded
-default, a real database file in WAL mode:
+:class:`FeatureStore` is the interface, with two implementations that :func:`open_store`
+picks by the setting's form: a ``redis://`` URL selects
+:class:`server.redis_store.RedisFeatureStore`, which a fleet of front ends shares; a path
+selects :class:`SQLiteFeatureStore`, the embedded default, a real database file in WAL mode:
 
 * ``append`` commits (``synchronous=FULL``) before it returns, so an acknowledged event
   survives ``kill -9`` of the server and a power cut;
@@ -12,11 +14,14 @@ default, a real database file in WAL mode:
   :meth:`FeatureStore.version`).
 
 Events hold the item's string id and, for speed, its model index (``n_items`` for items
-the model never saw, which the encoder reads as the unknown item).
+the model never saw, which the encoder reads as the unknown item). A store that cannot be
+reached raises :class:`StoreUnavailable`: the front end then answers from a fallback and
+never acknowledges events it did not store.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable
@@ -64,6 +69,10 @@ _COLUMNS = "item_idx, ts, watch_ms, duration_ms, flags"
 _BITS = 1 << np.arange(len(FLAG_COLUMNS))
 
 
+class StoreUnavailable(Exception):
+    """The store did not answer (down, unreachable, or replicas did not acknowledge)."""
+
+
 @dataclass(frozen=True)
 class EventRow:
     """One event as the store keeps it."""
@@ -78,6 +87,10 @@ class EventRow:
 
 
 class FeatureStore(Protocol):
+    def ping(self) -> None:
+        """Raises :class:`StoreUnavailable` unless the store answers now."""
+        ...
+
     def static(self, user_id: str) -> np.ndarray | None:
         """The user's profile codes, or None for a user the store has never seen."""
         ...
@@ -140,6 +153,9 @@ class SQLiteFeatureStore:
             conn.execute("PRAGMA synchronous=FULL")
             self._local.conn = conn
         return conn
+
+    def ping(self) -> None:
+        self._conn().execute("SELECT 1").fetchone()
 
     def static(self, user_id: str) -> np.ndarray | None:
         sql = "SELECT static FROM users WHERE user_id=?"
@@ -251,6 +267,37 @@ class SQLiteFeatureStore:
             self._local.conn = None
 
 
+@dataclass(frozen=True)
+class EventColumns:
+    """A data set's events as the stores keep them, in the log's row order."""
+
+    user_id: np.ndarray  # str
+    item_id: np.ndarray  # str
+    item_idx: np.ndarray
+    ts: np.ndarray
+    watch_ms: np.ndarray
+    duration_ms: np.ndarray
+    flags: np.ndarray  # bit i = FLAG_COLUMNS[i]
+    positive: np.ndarray  # bool
+
+
+def dataset_rows(ds: Dataset) -> tuple[np.ndarray, list[str], EventColumns]:
+    """Profiles (one row per user), user ids, and every event: what a bulk load writes."""
+    static = ds.users[ds.static_feature_columns()].to_numpy(np.int64)
+    ev = ds.events
+    columns = EventColumns(
+        user_id=ev["user_id"].astype(str).to_numpy(),
+        item_id=ev["item_id"].astype(str).to_numpy(),
+        item_idx=ds.item_index().astype(np.int64),
+        ts=ev["timestamp"].to_numpy(np.int64),
+        watch_ms=ev["watch_ms"].to_numpy(np.int64),
+        duration_ms=ev["duration_ms"].to_numpy(np.int64),
+        flags=ev[list(FLAG_COLUMNS)].to_numpy(np.int64) @ _BITS,
+        positive=is_positive(engagement_score(ev)),
+    )
+    return static, ds.users["user_id"].astype(str).tolist(), columns
+
+
 def load_dataset(ds: Dataset, path: str | Path) -> SQLiteFeatureStore:
     """A new store at ``path`` holding every user and event of ``ds`` (the build step)."""
     path = Path(path)
@@ -259,11 +306,7 @@ def load_dataset(ds: Dataset, path: str | Path) -> SQLiteFeatureStore:
         stale.unlink(missing_ok=True)
     store = SQLiteFeatureStore(tmp)
     conn = store._conn()
-    static = ds.users[ds.static_feature_columns()].to_numpy(np.int64)
-    user_ids = ds.users["user_id"].astype(str).tolist()
-    ev = ds.events
-    flags = ev[list(FLAG_COLUMNS)].to_numpy(np.int64) @ _BITS
-    positive = is_positive(engagement_score(ev))
+    static, user_ids, ev = dataset_rows(ds)
     conn.execute("PRAGMA synchronous=OFF")  # a half-built file is never renamed into place
     conn.execute("BEGIN")
     conn.executemany(
@@ -273,19 +316,21 @@ def load_dataset(ds: Dataset, path: str | Path) -> SQLiteFeatureStore:
     conn.executemany(
         "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         zip(
-            ev["user_id"].astype(str).tolist(),
-            ev["timestamp"].to_numpy(np.int64).tolist(),
-            ev["item_id"].astype(str).tolist(),
-            ds.item_index().tolist(),
-            ev["watch_ms"].to_numpy(np.int64).tolist(),
-            ev["duration_ms"].to_numpy(np.int64).tolist(),
-            flags.tolist(),
-            positive.astype(int).tolist(),
+            ev.user_id.tolist(),
+            ev.ts.tolist(),
+            ev.item_id.tolist(),
+            ev.item_idx.tolist(),
+            ev.watch_ms.tolist(),
+            ev.duration_ms.tolist(),
+            ev.flags.tolist(),
+            ev.positive.astype(int).tolist(),
             strict=True,
         ),
     )
-    counts = ev["user_id"].astype(str).value_counts()
-    conn.executemany("INSERT INTO versions VALUES (?, ?)", ((u, int(c)) for u, c in counts.items()))
+    users, counts = np.unique(ev.user_id, return_counts=True)
+    conn.executemany(
+        "INSERT INTO versions VALUES (?, ?)", zip(users.tolist(), counts.tolist(), strict=True)
+    )
     conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     store.close()
@@ -293,12 +338,59 @@ def load_dataset(ds: Dataset, path: str | Path) -> SQLiteFeatureStore:
     return SQLiteFeatureStore(path)
 
 
-def stored_users(path: str | Path) -> int:
-    """Profiles in the store at ``path``; 0 for a missing, empty or foreign file, which a
-    build must replace rather than serve from."""
-    uri = f"{Path(path).absolute().as_uri()}?mode=ro"
+def stored_users(spec: str | Path) -> int:
+    """Profiles in the store ``spec`` names; 0 for a missing, empty or foreign SQLite file,
+    which a build must replace rather than serve from."""
+    from server.redis_store import is_redis_url
+
+    if is_redis_url(str(spec)):
+        store = open_store(spec)
+        try:
+            return store.stored_users()
+        finally:
+            store.close()
+    uri = f"{Path(spec).absolute().as_uri()}?mode=ro"
     try:
         with closing(sqlite3.connect(uri, uri=True)) as conn:
             return int(conn.execute("SELECT count(*) FROM users").fetchone()[0])
     except sqlite3.Error:
         return 0
+
+
+def open_store(spec: str | Path) -> FeatureStore:
+    """The store a setting names: a ``redis://`` URL (password from
+    ``ONEREC_REDIS_PASSWORD``, replica acknowledgements from ``ONEREC_REDIS_WAIT_REPLICAS``
+    and ``ONEREC_REDIS_WAIT_TIMEOUT_MS``) or the path of a SQLite file."""
+    from server.redis_store import RedisFeatureStore, is_redis_url
+
+    if is_redis_url(str(spec)):
+        env = os.environ
+        return RedisFeatureStore(
+            str(spec),
+            password=env.get("ONEREC_REDIS_PASSWORD"),
+            timeout_s=float(env.get("ONEREC_REDIS_TIMEOUT_S", "1.0")),
+            wait_replicas=int(env.get("ONEREC_REDIS_WAIT_REPLICAS", "0")),
+            wait_timeout_ms=int(env.get("ONEREC_REDIS_WAIT_TIMEOUT_MS", "1000")),
+        )
+    if not Path(spec).is_file():
+        raise FileNotFoundError(f"{spec}: no feature store (onerec build makes it)")
+    return SQLiteFeatureStore(spec)
+
+
+def load_store(ds: Dataset, spec: str | Path, progress: bool = False) -> None:
+    """Fill the store ``spec`` names with every user and event of ``ds``, replacing what it
+    held for them: a SQLite file is rebuilt aside and renamed into place; Redis is written
+    with pipelined bulk writes, each user's keys replaced."""
+    from server.redis_store import is_redis_url, load_redis
+
+    if is_redis_url(str(spec)):
+        store = open_store(spec)
+        try:
+            load_redis(ds, store, progress)
+        finally:
+            store.close()
+        return
+    path = Path(spec)
+    for stale in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):  # a stale WAL would be
+        stale.unlink(missing_ok=True)  # replayed into the new file
+    load_dataset(ds, path).close()

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2, 5)
 STAGES = ("features", "lifelong", "triton", "catalog")
+FALLBACKS = ("cold_start", "feature_store_unavailable", "model_unavailable")
 
 
 def measure_peak_flops(n: int = 1024, repeats: int = 5) -> float:
@@ -103,15 +104,35 @@ class Metrics:
         qps.set_function(lambda: self.window.rates()[0])
         mfu = Gauge("onerec_mfu", "model FLOP/s over peak FLOP/s", registry=r)
         mfu.set_function(lambda: self.window.rates()[1] / self.peak_flops)
+        self.store_errors = Counter(
+            "onerec_feature_store_errors",
+            "calls the feature store did not answer (Recommend fell back, LogEvents refused)",
+            ["method"],
+            registry=r,
+        )
+        self.dependency_up = Gauge(
+            "onerec_dependency_up",
+            "1 while the health loop's last check of a dependency succeeded",
+            ["dependency"],
+            registry=r,
+        )
+        self.triton_restarts = Counter(
+            "onerec_triton_restarts",
+            "times the supervisor restarted a local tritonserver that died",
+            registry=r,
+        )
         self.inflight = Gauge("onerec_inflight", "calls being served now", registry=r)
         peak = Gauge("onerec_peak_flops", "peak FLOP/s that MFU is relative to", registry=r)
         peak.set(peak_flops)
-        for reason in ("cold_start", "model_unavailable"):
+        for reason in FALLBACKS:
             self.fallback.labels(reason)
+        for method in ("Recommend", "LogEvents"):
+            self.store_errors.labels(method)
         for stage in STAGES:
             self.stage.labels(stage)
         self.shed.inc(0)
         self.illegal.inc(0)
+        self.triton_restarts.inc(0)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         self._http, _ = start_http_server(port, addr=addr, registry=self.registry)

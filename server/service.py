@@ -13,9 +13,14 @@ Recommend, stage by stage (each timed into ``onerec_stage_latency_seconds``):
    ``count``.
 
 Fallbacks answer instead of failing: an unknown user gets popular items
-(``cold_start``); a Triton that is down, late or not ready gets popular items minus the
-user's seen ones (``model_unavailable``). Both are counted, and the model is used again
-as soon as the health loop's probe succeeds.
+(``cold_start``); a feature store that does not answer gets popular items minus the
+request's own exclusions (``feature_store_unavailable``: the user's history is out of
+reach); a Triton that is down, late or not ready gets popular items minus the user's seen
+ones (``model_unavailable``). All are counted, and the model is used again as soon as the
+health loop's probe succeeds.
+
+LogEvents acknowledges only what the store committed: a store that does not answer gets
+UNAVAILABLE, and the client retries (with the same ``request_id``, applied once).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from onerec.engagement import is_positive
 from onerec.model import OneRecConfig
@@ -34,7 +40,7 @@ from onerec.pathways import request_flops
 from onerec.v1 import recommender_pb2 as pb
 from onerec.v1 import recommender_pb2_grpc as pb_grpc
 from server.catalog import CatalogReader, CatalogView
-from server.feature_store import EventRow, FeatureStore
+from server.feature_store import EventRow, FeatureStore, StoreUnavailable
 from server.metrics import Metrics
 from server.pathway_builder import Built, PathwayBuilder
 from server.triton_client import TritonModel, TritonRejected, TritonUnavailable
@@ -69,8 +75,26 @@ class Context:
     max_inflight: int
 
 
+class Throttled:
+    """One log line per ``every_s`` at most, saying how many calls it stands for: an outage
+    at hundreds of calls a second must not write hundreds of lines a second."""
+
+    def __init__(self, every_s: float = 5.0) -> None:
+        self.every_s = every_s
+        self._last = -every_s
+        self._count = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        self._count += 1
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            log.warning(f"{message} (%d calls since the last such line)", *args, self._count)
+            self._last, self._count = now, 0
+
+
 class Unavailable(Exception):
-    """Nothing can answer (no readable live catalog, not even for a fallback)."""
+    """Nothing can answer (no readable live catalog, not even for a fallback), or a
+    LogEvents cannot be stored."""
 
 
 @dataclass(frozen=True)
@@ -78,10 +102,30 @@ class Prepared:
     """A Recommend's inputs to the model, read off the event loop."""
 
     view: CatalogView  # the live catalog when the request arrived
-    built: Built | None  # None: a user with no profile and no events (cold start)
+    built: Built | None  # None: the fallback answers, for ``fallback``'s reason
     seen: np.ndarray  # model indices the user has seen
     excluded: np.ndarray  # ids never to return: requested, inline, unknown to the model
     exclude_sids: np.ndarray | None  # SIDs the decoder must not return
+    fallback: str = ""  # cold_start | feature_store_unavailable, when built is None
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request whose bytes are not its message: answered INVALID_ARGUMENT (grpc would
+    answer a failed deserializer with UNKNOWN)."""
+
+    message: str  # the message type expected
+    error: str
+
+
+def _parser(message_type):
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as e:
+            return Malformed(message_type.DESCRIPTOR.full_name, str(e))
+
+    return parse
 
 
 def triton_budget(remaining: float | None) -> float:
@@ -105,6 +149,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         self.ctx = ctx
         self.inflight = 0
         self.model_ready = False  # set by the health loop's probe
+        self._triton_down_log, self._store_down_log = Throttled(), Throttled()
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -122,6 +167,8 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         started = time.perf_counter()
         code = "OK"
         try:
+            if isinstance(request, Malformed):
+                raise Invalid(f"request: not a valid {request.message}: {request.error}")
             return await handler(request, context)
         except Invalid as e:
             code = "INVALID_ARGUMENT"
@@ -163,7 +210,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         # One worker-thread hop for all the blocking reads before the model.
         prep = await asyncio.to_thread(self._prepare, request.user_id, now_ms, inline, excluded)
         if prep.built is None or not self.model_ready:
-            reason = "cold_start" if prep.built is None else "model_unavailable"
+            reason = prep.fallback or "model_unavailable"
             return await self._fallback(prep, reason, count, request.request_id)
         pathways = prep.built.pathways
         started = time.perf_counter()
@@ -172,7 +219,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
                 pathways, beam, beam, prep.exclude_sids, triton_budget(context.time_remaining())
             )
         except TritonUnavailable as e:
-            log.warning("triton unavailable for %s: %s", request.user_id, e)
+            self._triton_down_log.warning("triton unavailable: %s", e)
             return await self._fallback(prep, "model_unavailable", count, request.request_id)
         except TritonRejected as e:
             log.error("triton rejected a request the front end validated: %s", e)
@@ -193,18 +240,24 @@ class RecommenderService(pb_grpc.RecommenderServicer):
     def _prepare(self, user: str, now_ms: int, inline, excluded: np.ndarray) -> Prepared:
         """Profile, the live catalog and the four pathways (blocking: a worker thread)."""
         ctx, m = self.ctx, self.ctx.metrics
-        started = time.perf_counter()
-        static, version = ctx.store.static(user), ctx.store.version(user)
-        profile_s = time.perf_counter() - started
         try:
             view = ctx.catalog.get()
         except (OSError, ValueError) as e:
             raise Unavailable(f"no live catalog: {e}") from e
-        if static is None and version == 0 and not len(inline):
-            return Prepared(view, None, np.zeros(0, np.int64), excluded, None)
-        if static is None:  # a user known only by events they logged: default profile
-            static = np.zeros(len(ctx.cfg.static_cardinalities), np.int64)
-        built = ctx.builder.build(user, now_ms, static, inline)
+        none = np.zeros(0, np.int64)
+        started = time.perf_counter()
+        try:
+            static, version = ctx.store.static(user), ctx.store.version(user)
+            profile_s = time.perf_counter() - started
+            if static is None and version == 0 and not len(inline):
+                return Prepared(view, None, none, excluded, None, "cold_start")
+            if static is None:  # a user known only by events they logged: default profile
+                static = np.zeros(len(ctx.cfg.static_cardinalities), np.int64)
+            built = ctx.builder.build(user, now_ms, static, inline)
+        except StoreUnavailable as e:
+            m.store_errors.labels("Recommend").inc()
+            self._store_down_log.warning("feature store unavailable: %s", e)
+            return Prepared(view, None, none, excluded, None, "feature_store_unavailable")
         m.stage.labels("features").observe(profile_s + built.features_s)
         m.stage.labels("lifelong").observe(built.lifelong_s)
         excluded = np.concatenate([excluded, built.seen_new])
@@ -279,7 +332,30 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             )
             for i, e in enumerate(ids)
         ]
-        accepted = await asyncio.to_thread(
-            ctx.store.append, request.user_id, rows, request.request_id
-        )
+        try:
+            accepted = await asyncio.to_thread(
+                ctx.store.append, request.user_id, rows, request.request_id
+            )
+        except StoreUnavailable as e:
+            ctx.metrics.store_errors.labels("LogEvents").inc()
+            raise Unavailable(f"events not stored, retry with the same request_id: {e}") from e
         return pb.LogEventsResponse(accepted=accepted)
+
+
+def add_to_server(service: RecommenderService, server: grpc.aio.Server) -> None:
+    """The generated ``add_RecommenderServicer_to_server``, with deserializers that hand
+    unparseable bytes to the servicer as :class:`Malformed` instead of failing the call."""
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(service, name),
+            request_deserializer=_parser(request),
+            response_serializer=response.SerializeToString,
+        )
+        for name, request, response in (
+            ("Recommend", pb.RecommendRequest, pb.RecommendResponse),
+            ("LogEvents", pb.LogEventsRequest, pb.LogEventsResponse),
+        )
+    }
+    name = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)

@@ -18,6 +18,7 @@ Linux the kernel also sends it SIGTERM when the thread that started it dies, eve
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -94,9 +95,14 @@ def backend_directory(cache: Path | None = None) -> Path:
 
 
 def triton_command(
-    repository: Path, ports: TritonPorts, log_verbose: int = 0, extra: list[str] | None = None
+    repository: Path,
+    ports: TritonPorts,
+    log_verbose: int = 0,
+    extra: list[str] | None = None,
+    shm_prefix: str = "triton_python_backend_shm_region_",
 ) -> tuple[list[str], dict[str, str]]:
-    """The ``tritonserver`` argv and environment for ``repository``."""
+    """The ``tritonserver`` argv and environment for ``repository``; the python backend's
+    shared-memory regions are named ``/dev/shm/<shm_prefix>...``."""
     root = pytriton_dir()
     libs = root.parents[1] / "nvidia_pytriton.libs"
     env = dict(os.environ)
@@ -117,6 +123,7 @@ def triton_command(
         f"--log-verbose={log_verbose}",
         "--exit-on-error=true",
         "--strict-readiness=true",
+        f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
         *(extra or []),
     ]
     return argv, env
@@ -141,6 +148,8 @@ class TritonProcess:
         self.proc: subprocess.Popen[str] | None = None
         self.lines: deque[str] = deque(maxlen=2000)  # the recent log, for error messages
         self._pump: threading.Thread | None = None
+        self.launches = 0
+        self.shm_prefix = ""
 
     @property
     def http_url(self) -> str:
@@ -151,7 +160,11 @@ class TritonProcess:
         return f"127.0.0.1:{self.ports.grpc}"
 
     def start(self, timeout: float = 180.0) -> TritonProcess:
-        argv, env = triton_command(self.repository, self.ports, self.log_verbose, self.extra_args)
+        self.launches += 1
+        self.shm_prefix = f"onerec_triton_{os.getpid()}_{id(self):x}_{self.launches}_"
+        argv, env = triton_command(
+            self.repository, self.ports, self.log_verbose, self.extra_args, self.shm_prefix
+        )
         log.info("starting %s", " ".join(argv))
         self.proc = subprocess.Popen(
             argv,
@@ -205,6 +218,8 @@ class TritonProcess:
     def stop(self, grace: float = 30.0) -> int | None:
         """SIGTERM, wait up to ``grace`` seconds for the models to unload, then SIGKILL."""
         if self.proc is None or self.proc.poll() is not None:
+            if self.proc is not None:
+                self.reap()
             return None if self.proc is None else self.proc.returncode
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -213,26 +228,23 @@ class TritonProcess:
             log.warning("tritonserver ignored SIGTERM for %.0fs; killing it", grace)
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        self.reap()
         if self._pump is not None:
             self._pump.join(5)
         return self.proc.returncode
+
+    def reap(self) -> None:
+        """After Triton exited: kill what it left behind. A Triton killed by a signal
+        leaves its python backend stubs running, orphaned, and their shared memory in
+        /dev/shm; the stubs share its process group (it leads its own session)."""
+        assert self.proc is not None and self.proc.poll() is not None
+        with contextlib.suppress(ProcessLookupError):  # nothing left: an orderly exit
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
 
     def __enter__(self) -> TritonProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def serve_forever(process: TritonProcess) -> int:
-    """Run until SIGINT/SIGTERM (or until Triton dies), then stop it cleanly."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    process.start()
-    while not stop.wait(1.0):
-        if process.proc is not None and process.proc.poll() is not None:
-            log.error("tritonserver exited with %s", process.proc.returncode)
-            return process.proc.returncode or 1
-    process.stop()
-    return 0

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real public data sets, free ports, and the tiny served stack."""
+"""Shared fixtures: the real public data sets, free ports, a real redis-server, and the
+tiny served stack."""
 
 from __future__ import annotations
 
@@ -57,6 +58,22 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server (loadtest/redis_server.py) for the session. Where the binary is
+    missing the tests skip, except under CI=true, where .ci/run must have installed it."""
+    from loadtest.redis_server import RedisServer
+
+    try:
+        server = RedisServer(tmp_path_factory.mktemp("redis"))
+    except FileNotFoundError as e:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but {e}")
+        pytest.skip(str(e))
+    with server:
+        yield server
+
+
 TINY_DATA = ["--users", "40", "--items", "700", "--max-history", "300", "--codebook-size", "16"]
 TINY_SIZES = {"d_model": 32, "d_ff": 64, "d_expert": 64, "lifelong_len": 50, "positive_len": 32}
 
@@ -104,10 +121,12 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 class Server:
     """An `onerec serve` subprocess on free ports."""
 
-    def __init__(self, served, tmp: Path, triton_url: str, *extra: str, store: Path | None = None):
+    def __init__(
+        self, served, tmp: Path, triton_url: str, *extra: str, store: Path | str | None = None
+    ):
         _, _, _, repo, art = served
         self.port, self.metrics_port = free_ports(2)
-        self.store = store or tmp / "features.sqlite"
+        self.store = store or tmp / "features.sqlite"  # a path, or a redis:// URL
         if store is None:
             shutil.copy(art / "features.sqlite", self.store)
         argv = [sys.executable, "-m", "onerec", "serve", "--artifacts", str(art)]

@@ -1,4 +1,5 @@
-"""The SQLite feature store and the serving pathway builder, on a real database file."""
+"""The feature stores (SQLite on a real file, Redis on a real redis-server) and the serving
+pathway builder: the behavioural tests run against both stores."""
 
 from __future__ import annotations
 
@@ -7,31 +8,73 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
 
 from onerec.data.synthetic import SyntheticConfig, generate
+from onerec.engagement import is_positive
 from onerec.model import OneRecConfig
 from onerec.pathways import EventArrays, History, build_pathways
-from server.feature_store import EventRow, SQLiteFeatureStore, load_dataset
+from server.feature_store import (
+    EventRow,
+    SQLiteFeatureStore,
+    StoreUnavailable,
+    load_store,
+    stored_users,
+)
 from server.pathway_builder import PathwayBuilder
+from server.redis_store import RedisFeatureStore
 
 CFG = OneRecConfig(n_items=120, short_len=20, positive_len=32, lifelong_len=40)
+STORES = ["sqlite", "redis"]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data():
     ds = generate(SyntheticConfig(n_users=12, n_items=120, max_history=400, seed=3))
-    path = tmp_path_factory.mktemp("fs") / "features.sqlite"
-    load_dataset(ds, path).close()
     vectors = np.random.default_rng(0).normal(size=(ds.n_items, 8)).astype(np.float32)
-    return ds, path, vectors
+    return ds, vectors
 
 
-def test_store_returns_the_event_log(data) -> None:
-    ds, path, _ = data
-    store = SQLiteFeatureStore(path)
+def _spec(kind: str, request, tmp_path) -> str:
+    """Where a new, empty store of ``kind`` lives."""
+    if kind == "redis":
+        return request.getfixturevalue("redis_server").flush(1)
+    return str(tmp_path / "features.sqlite")
+
+
+def _open(spec: str):
+    return RedisFeatureStore(spec) if spec.startswith("redis://") else SQLiteFeatureStore(spec)
+
+
+@pytest.fixture(params=STORES)
+def loaded(request, data, tmp_path):
+    """A store of each kind holding the data set, as `onerec build` leaves it."""
+    spec = _spec(request.param, request, tmp_path)
+    assert stored_users(spec) == 0
+    load_store(data[0], spec)
+    load_store(data[0], spec)  # a reload replaces, never duplicates
+    assert stored_users(spec) == data[0].n_users
+    store = _open(spec)
+    yield store
+    store.close()
+
+
+@pytest.fixture(params=STORES)
+def empty(request, tmp_path):
+    spec = _spec(request.param, request, tmp_path)
+    if request.param == "sqlite":
+        SQLiteFeatureStore(spec).close()
+    store = _open(spec)
+    yield store
+    store.close()
+
+
+def test_store_returns_the_event_log(data, loaded) -> None:
+    ds, _ = data
+    store = loaded
     events = EventArrays.from_dataset(ds)
     static = ds.users[ds.static_feature_columns()].to_numpy(np.int64)
     for u, user_id in enumerate(ds.users["user_id"].astype(str)):
@@ -40,13 +83,19 @@ def test_store_returns_the_event_log(data) -> None:
             np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
         np.testing.assert_array_equal(store.static(user_id), static[u])
         assert store.version(user_id) == len(want)
+        last = store.recent(user_id, 5)
+        np.testing.assert_array_equal(last.items, want.items[-5:])
+        positive = store.recent(user_id, 3, positive_only=True)
+        np.testing.assert_array_equal(positive.items, want.items[is_positive(want.scores())][-3:])
     assert store.static("nobody") is None and store.version("nobody") == 0
-    assert len(store.history("nobody")) == 0
+    assert len(store.history("nobody")) == 0 and len(store.recent("nobody", 20)) == 0
+    assert store.any_user() in set(ds.users["user_id"].astype(str))
+    store.ping()
 
 
-def test_served_pathways_equal_the_trainers(data) -> None:
-    ds, path, vectors = data
-    builder = PathwayBuilder(SQLiteFeatureStore(path), CFG, vectors)
+def test_served_pathways_equal_the_trainers(data, loaded) -> None:
+    ds, vectors = data
+    builder = PathwayBuilder(loaded, CFG, vectors)
     events = EventArrays.from_dataset(ds)
     static = ds.users[ds.static_feature_columns()].to_numpy(np.int64)
     for u, user_id in enumerate(ds.users["user_id"].astype(str)):
@@ -62,19 +111,17 @@ def test_served_pathways_equal_the_trainers(data) -> None:
         assert not builder.build(user_id, now, static[u]).compressed  # cached
 
 
-def _row(item: int, ts: int, like: bool = False) -> EventRow:
+def _row(item: int, ts: int, like: bool = False, item_id: str | None = None) -> EventRow:
     flags = (True, like, False, False, False, False)
-    return EventRow(f"i{item}", item, ts, 30_000, 60_000, flags, like)
+    return EventRow(item_id or f"i{item}", item, ts, 30_000, 60_000, flags, like)
 
 
 @pytest.mark.parametrize("refresh_events", [0, 64])
 def test_appends_join_short_term_and_seen_and_refresh_the_lifelong_cache(
-    data, tmp_path, refresh_events
+    data, loaded, refresh_events
 ) -> None:
-    ds, _, vectors = data
-    path = tmp_path / "f.sqlite"
-    load_dataset(ds, path).close()
-    store = SQLiteFeatureStore(path)
+    ds, vectors = data
+    store = loaded
     builder = PathwayBuilder(store, CFG, vectors, refresh_events=refresh_events)
     user = str(ds.users["user_id"].iloc[0])
     last = int(store.history(user).timestamp[-1])
@@ -86,6 +133,8 @@ def test_appends_join_short_term_and_seen_and_refresh_the_lifelong_cache(
     assert {7, 9} <= set(built.seen.tolist())  # exact either way
     store.append(user, [_row(33, 1)])  # logged late: older than everything stored
     assert 33 in builder.build(user, last + 10, static).seen
+    store.append(user, [_row(CFG.n_items, last + 4, item_id="brand-new")])
+    assert builder.build(user, last + 10, static).seen_new.tolist() == ["brand-new"]
     got = built.pathways
     assert got["short_items"][:2].tolist() == [10, 8]  # most recent first, index + 1
     assert got["pos_items"][0] == 8
@@ -97,20 +146,61 @@ def test_appends_join_short_term_and_seen_and_refresh_the_lifelong_cache(
         np.zeros((1, 6), np.int8),
     )
     with_inline = builder.build(user, last + 10, static, inline).pathways
-    assert with_inline["short_items"][:3].tolist() == [12, 10, 8]
+    assert with_inline["short_items"][:4].tolist() == [CFG.n_items + 1, 12, 10, 8]
     assert len(with_inline["short_items"]) == CFG.short_len
 
 
-def test_a_retried_request_id_is_committed_once(tmp_path) -> None:
-    store = SQLiteFeatureStore(tmp_path / "retry.sqlite")
+def test_a_retried_request_id_is_committed_once(empty) -> None:
+    store = empty
     events = [_row(1, 10), _row(2, 11)]
     assert store.append("u", events, request_id="r1") == 2
     assert store.append("u", events, request_id="r1") == 2  # the retry
     assert store.append("u", events[:1], request_id="r2") == 1
     assert store.version("u") == 3 and store.history("u").items.tolist() == [1, 1, 2]
+    assert store.static("u") is None  # known by events alone
 
 
-def test_an_acknowledged_append_survives_kill_9(tmp_path) -> None:
+def test_equal_timestamps_keep_append_order_and_marks_follow_appends(empty) -> None:
+    store = empty
+    assert store.mark("u") == 0 and store.items_after("u", 0)[0].tolist() == []
+    store.append("u", [_row(5, 100), _row(6, 100, like=True)])
+    mark = store.mark("u")
+    store.append("u", [_row(7, 100), _row(8, 50, like=True)])
+    assert store.history("u").items.tolist() == [8, 5, 6, 7]  # time order; ties by append
+    assert store.recent("u", 2).items.tolist() == [6, 7]
+    assert store.recent("u", 5, positive_only=True).items.tolist() == [8, 6]
+    items, after = store.items_after("u", mark)
+    assert items.tolist() == [7, 8] and after == store.mark("u")
+    assert store.items_after("u", after)[0].tolist() == []
+    store.append("u", [_row(120, 101, item_id="new-a"), _row(121, 102, item_id="new-b")])
+    assert sorted(store.items_outside("u", 120)) == ["new-a", "new-b"]
+    assert store.items_outside("u", 122) == []
+
+
+def test_concurrent_appends_for_one_user_all_land(empty) -> None:
+    """Two writers (two front ends, for Redis) appending for one user at once: every
+    event lands once and every append number is distinct."""
+    store = empty
+    spec = store.url if isinstance(store, RedisFeatureStore) else store.path
+
+    def writer(w: int) -> None:
+        own = _open(spec)
+        for i in range(40):
+            own.append("u", [_row(w * 100 + i, 1_000 + i), _row(w * 100 + i, 2_000 + i)])
+        own.close()
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.version("u") == 160
+    h = store.history("u")
+    assert len(h) == 160 and (np.diff(h.timestamp) >= 0).all()
+    assert sorted(store.items_after("u", 0)[0].tolist()) == sorted(h.items.tolist())
+
+
+def test_an_acknowledged_append_survives_kill_9_of_the_writer(tmp_path) -> None:
     path = tmp_path / "crash.sqlite"
     SQLiteFeatureStore(path).close()
     script = textwrap.dedent(f"""
@@ -129,3 +219,44 @@ def test_an_acknowledged_append_survives_kill_9(tmp_path) -> None:
     assert acked[-1].strip() == "49"
     store = SQLiteFeatureStore(path)
     assert store.version("u") == 50 and store.history("u").items.tolist() == list(range(50))
+
+
+def test_acknowledged_appends_survive_kill_9_of_redis(redis_server) -> None:
+    """With ``appendfsync always`` Redis fsyncs its AOF before it replies: after kill -9
+    and a restart on the same directory, every acknowledged append is there."""
+    store = RedisFeatureStore(redis_server.flush(2))
+    acked = sum(store.append("u", [_row(i, i)], request_id=f"r{i}") for i in range(200))
+    redis_server.kill()  # SIGKILL
+    with pytest.raises(StoreUnavailable):
+        store.append("u", [_row(999, 999)])  # nothing to acknowledge it: never acked
+    redis_server.start()
+    assert acked == 200 and store.version("u") == 200
+    assert store.history("u").items.tolist() == list(range(200))
+    assert store.append("u", [_row(0, 0)], request_id="r0") == 1  # retries still deduplicated
+    assert store.version("u") == 200
+    store.close()
+
+
+def test_unreachable_redis_raises_store_unavailable() -> None:
+    from conftest import free_ports
+
+    store = RedisFeatureStore(f"redis://127.0.0.1:{free_ports(1)[0]}/0", timeout_s=0.2)
+    for call in (
+        store.ping,
+        lambda: store.static("u"),
+        lambda: store.recent("u", 20),
+        lambda: store.append("u", [_row(1, 1)]),
+    ):
+        with pytest.raises(StoreUnavailable, match=r"redis 127\.0\.0\.1"):
+            call()
+
+
+def test_missing_replica_acknowledgements_are_not_an_acknowledgement(redis_server) -> None:
+    """WAIT for a replica this server does not have: the append raises, so LogEvents
+    answers UNAVAILABLE, and the client's retry with the same id stores it once."""
+    url = redis_server.flush(3)
+    store = RedisFeatureStore(url, wait_replicas=1, wait_timeout_ms=50)
+    with pytest.raises(StoreUnavailable, match="0 of 1 replicas"):
+        store.append("u", [_row(1, 1)], request_id="r1")
+    plain = RedisFeatureStore(url)
+    assert plain.append("u", [_row(1, 1)], request_id="r1") == 1 and plain.version("u") == 1

@@ -12,9 +12,11 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 import torch
 from conftest import SERVING, Server, free_ports
@@ -33,11 +35,13 @@ from onerec.pathways import EventArrays
 from onerec.repository import ENCODER, catalog_dir
 from onerec.v1 import recommender_pb2 as pb
 from onerec.v1 import recommender_pb2_grpc as pb_grpc
-from server.feature_store import SQLiteFeatureStore
+from server.feature_store import SQLiteFeatureStore, load_store
+from server.redis_store import RedisFeatureStore
 from server.triton_client import probe
 from server.triton_launcher import TritonPorts, TritonProcess
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+RECOVERY_S = 60  # kill -9 of Triton to model answers again: backoff, start-up, probe
 
 
 @pytest.fixture(scope="module")
@@ -518,19 +522,25 @@ def test_acknowledged_events_survive_kill_9(served, tmp_path) -> None:
         again.stop()
 
 
-def test_onerec_serve_alone_starts_triton_and_stops_both(served, tmp_path) -> None:
-    """`make run`'s serving step: no --triton-url, so it launches its own Triton."""
+def test_onerec_serve_alone_restarts_a_killed_triton_and_stops_both(served, tmp_path) -> None:
+    """`make run`'s serving step: no --triton-url, so it launches its own Triton and
+    supervises it. ``kill -9`` of that Triton under load: every call is still answered,
+    from the fallback during the outage, and by the model again within RECOVERY_S."""
     _, _, _, repo, art = served
     http, grpc_port, metrics, port, front_metrics = free_ports(5)
     env = dict(os.environ, TRITON_HTTP_PORT=str(http), TRITON_GRPC_PORT=str(grpc_port))
     env |= {"TRITON_METRICS_PORT": str(metrics), "ONEREC_PORT": str(port)}
     env |= {"ONEREC_METRICS_PORT": str(front_metrics), "ONEREC_PEAK_FLOPS": "1e11"}
+    env |= {"ONEREC_PROBE_INTERVAL_S": "0.5"}
     env.pop("ONEREC_TRITON_URL", None)
     shutil.copy(art / "features.sqlite", tmp_path / "f.sqlite")
     argv = [sys.executable, "-m", "onerec", "serve", "--artifacts", str(art)]
     argv += ["--repository", str(repo), "--feature-store", str(tmp_path / "f.sqlite")]
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    answers: list[tuple[float, str]] = []  # (time, degraded) of every answer
+    failures: list = []
+    stop = threading.Event()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -545,15 +555,132 @@ def test_onerec_serve_alone_starts_triton_and_stops_both(served, tmp_path) -> No
                 except grpc.RpcError:
                     pass
                 time.sleep(0.3)
-            r = pb_grpc.RecommenderStub(channel).Recommend(
-                pb.RecommendRequest(user_id=_user(served, 0)), timeout=10
-            )
+            recommender = pb_grpc.RecommenderStub(channel)
+            r = recommender.Recommend(pb.RecommendRequest(user_id=_user(served, 0)), timeout=10)
             assert r.degraded == "" and len(r.items) == 10
+
+            def load() -> None:
+                i = 0
+                while not stop.is_set():
+                    i += 1
+                    try:
+                        r = recommender.Recommend(
+                            pb.RecommendRequest(user_id=_user(served, i % 40)), timeout=5
+                        )
+                        answers.append((time.monotonic(), r.degraded))
+                    except grpc.RpcError as e:
+                        failures.append(e.code())
+
+            client = threading.Thread(target=load)
+            client.start()
+            time.sleep(1.0)
+            children = psutil.Process(proc.pid).children()
+            (triton,) = [c for c in children if c.name() == "tritonserver"]
+            killed = time.monotonic()
+            triton.kill()  # SIGKILL
+            while time.monotonic() < killed + RECOVERY_S:
+                late = [d for t, d in answers if t > killed]
+                if "model_unavailable" in late and late[-1] == "":
+                    break
+                time.sleep(0.2)
+            stop.set()
+            client.join()
+        after = [(t, d) for t, d in answers if t > killed]
+        outage = next(t for t, d in after if d == "model_unavailable")  # the fallback answered
+        recovered = next(t for t, d in after if t > outage and d == "")
+        assert not failures, failures
+        assert recovered - killed < RECOVERY_S
+        text = (tmp_path / "serve.log").read_text()
+        assert "restarting" in text
+        assert text.count("triton unavailable") < 10  # a line now and then, not one a call
+        with pytest.raises(ProcessLookupError):  # its python backend stubs were reaped too
+            os.killpg(triton.pid, 0)
+        url = f"http://127.0.0.1:{front_metrics}/metrics"
+        metrics_text = urllib.request.urlopen(url, timeout=5).read().decode()
+        assert _gauge(metrics_text, "onerec_triton_restarts_total") == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(90) == 0
         assert "front end stopped" in (tmp_path / "serve.log").read_text()
         with socket.socket() as sock:  # and its Triton is gone too
             assert sock.connect_ex(("127.0.0.1", http)) != 0
     finally:
+        stop.set()
         proc.kill()
         log.close()
+
+
+@pytest.mark.parametrize("method", ["Recommend", "LogEvents"])
+def test_undecodable_bytes_are_invalid_argument(front, method) -> None:
+    """Bytes that are not the request message get INVALID_ARGUMENT (grpc's own answer
+    would be UNKNOWN), and the server goes on serving."""
+    server, stub = front
+    rng = np.random.default_rng(0)
+    with grpc.insecure_channel(server.address) as channel:
+        raw = channel.unary_unary(f"/onerec.v1.Recommender/{method}")  # bytes in, bytes out
+        for payload in [b"\xff\xff\xff", b"\n\x05ab", *(rng.bytes(n) for n in (7, 64, 512))]:
+            with pytest.raises(grpc.RpcError) as err:
+                raw(payload, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert stub.Recommend(pb.RecommendRequest(user_id="never-seen-user")).items
+    metrics = server.metrics()
+    invalid = f'onerec_requests_total{{code="INVALID_ARGUMENT",method="{method}"}}'
+    assert _gauge(metrics, invalid) >= 5
+
+
+def test_two_front_ends_share_one_redis(served, redis_server, tmp_path) -> None:
+    """A fleet: two front ends on one Redis and one Triton. An event logged through A is
+    excluded from B's next answer. With Redis down, Recommend answers from the fallback
+    (``feature_store_unavailable``), LogEvents is UNAVAILABLE and stores nothing, health
+    says so; with Redis back, both serve from it again."""
+    ds = served[1]
+    url = redis_server.flush(4)
+    load_store(ds, url)
+    a = Server(served, tmp_path, served[0].grpc_url, store=url)
+    b = Server(served, tmp_path, served[0].grpc_url, store=url)
+    channels = [grpc.insecure_channel(s.address) for s in (a, b)]
+    try:
+        for server, channel in zip((a, b), channels, strict=True):
+            server.wait_health(SERVING, channel)
+        stub_a, stub_b = (pb_grpc.RecommenderStub(c) for c in channels)
+        user = _user(served, 6)
+        top = stub_b.Recommend(pb.RecommendRequest(user_id=user, count=5)).items[0].item_id
+        now = int(time.time() * 1000)
+        event = pb.Event(item_id=top, timestamp_ms=now, watch_ms=9000, like=True)
+        logged = pb.LogEventsRequest(user_id=user, events=[event], request_id="fleet-1")
+        assert stub_a.LogEvents(logged).accepted == 1
+        again = stub_b.Recommend(pb.RecommendRequest(user_id=user, count=5))
+        assert again.degraded == "" and top not in {i.item_id for i in again.items}
+        store = RedisFeatureStore(url)
+        version = store.version(user)
+
+        redis_server.kill()
+        try:
+            r = stub_b.Recommend(pb.RecommendRequest(user_id=user, count=5), timeout=5)
+            assert r.degraded == "feature_store_unavailable" and len(r.items) == 5
+            with pytest.raises(grpc.RpcError) as err:
+                stub_a.LogEvents(pb.LogEventsRequest(user_id=user, events=[event]), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            health = health_pb2_grpc.HealthStub(channels[0])
+            store_health = health_pb2.HealthCheckRequest(service="onerec.FeatureStore")
+            deadline = time.monotonic() + 30
+            while health.Check(store_health, timeout=5).status != NOT_SERVING:
+                assert time.monotonic() < deadline, "the store's health never said so"
+                time.sleep(0.2)
+            text = a.metrics()
+            assert _gauge(text, 'onerec_feature_store_errors_total{method="LogEvents"}') == 1
+            assert _gauge(text, 'onerec_dependency_up{dependency="feature_store"}') == 0
+            fallback = 'onerec_fallback_total{reason="feature_store_unavailable"}'
+            assert _gauge(b.metrics(), fallback) >= 1
+        finally:
+            redis_server.start()
+        assert store.version(user) == version  # the refused call stored nothing
+        assert stub_a.LogEvents(logged).accepted == 1  # a retry of the first: applied once
+        assert store.version(user) == version
+        r = stub_b.Recommend(pb.RecommendRequest(user_id=user, count=5), timeout=5)
+        assert r.degraded == "" and top not in {i.item_id for i in r.items}
+        store.close()
+    finally:
+        for channel in channels:
+            channel.close()
+        a.stop()
+        b.stop()
