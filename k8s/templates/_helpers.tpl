@@ -24,6 +24,14 @@
 {{- printf "%s-triton" (include "onerec.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{- define "onerec.redis.fullname" -}}
+{{- printf "%s-redis" (include "onerec.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "onerec.featureLoad.fullname" -}}
+{{- printf "%s-feature-load" (include "onerec.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
 {{- define "onerec.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/name: {{ include "onerec.name" . }}
@@ -32,7 +40,7 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
-{{/* Selector labels of one component: "frontend" or "triton". */}}
+{{/* Selector labels of one component: "frontend", "triton", "redis" or "feature-load". */}}
 {{- define "onerec.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "onerec.name" .root }}
 app.kubernetes.io/instance: {{ .root.Release.Name }}
@@ -148,5 +156,61 @@ Arguments: dict "root" $ "securityContext" <the container security context>. */}
   resources:
     requests: {cpu: 100m, memory: 128Mi}
     limits: {cpu: "1", memory: 512Mi}
+{{- end }}
+{{- end }}
+
+{{/*
+The feature store's URL (ONEREC_FEATURE_STORE), never with a password in it: the chart's
+Redis Service, or externalRedis.url. Fails on a configuration that would point nowhere.
+*/}}
+{{- define "onerec.featureStoreUrl" -}}
+{{- $url := .Values.externalRedis.url -}}
+{{- if .Values.redis.enabled }}
+{{- if $url }}
+{{- fail "externalRedis.url is set but redis.enabled is true: set redis.enabled=false to use the external Redis" }}
+{{- end }}
+{{- if gt (int .Values.frontend.settings.redisWaitReplicas) 0 }}
+{{- fail "frontend.settings.redisWaitReplicas > 0 needs Redis replicas; the chart's Redis (redis.enabled) has none: use an external Redis with replicas" }}
+{{- end }}
+{{- printf "redis://%s:%d/0" (include "onerec.redis.fullname" .) (int .Values.redis.port) }}
+{{- else if not $url }}
+{{- fail "redis.enabled is false: set externalRedis.url (redis://host:6379/0 or rediss://...) to the feature store the front ends share" }}
+{{- else if regexMatch "^rediss?://[^/@]*:[^/@]*@" $url }}
+{{- fail "externalRedis.url must not carry a password: put it in the Secret externalRedis.existingSecret names" }}
+{{- else }}
+{{- $url }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret and key holding the Redis password: "" when an external Redis has none. */}}
+{{- define "onerec.redis.secretName" -}}
+{{- if .Values.redis.enabled }}
+{{- default (include "onerec.redis.fullname" .) .Values.redis.auth.existingSecret }}
+{{- else }}
+{{- .Values.externalRedis.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "onerec.redis.secretKey" -}}
+{{- if not .Values.redis.enabled }}
+{{- .Values.externalRedis.passwordKey }}
+{{- else if .Values.redis.auth.existingSecret }}
+{{- .Values.redis.auth.passwordKey }}
+{{- else -}}
+password
+{{- end }}
+{{- end }}
+
+{{/* Env of a feature-store client (front end, featureLoad Job): the URL and the password,
+from the Secret only, so it is in no ConfigMap, argument or URL. */}}
+{{- define "onerec.featureStoreEnv" -}}
+- name: ONEREC_FEATURE_STORE
+  value: {{ include "onerec.featureStoreUrl" . | quote }}
+{{- with include "onerec.redis.secretName" . }}
+- name: ONEREC_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ include "onerec.redis.secretKey" $ }}
 {{- end }}
 {{- end }}
