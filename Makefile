@@ -91,7 +91,7 @@ loadtest: install
 # reports/bench.json, reports/bench.md and PNG plots. About 5 minutes after the build.
 bench: install
 	$(BIN)/onerec build
-	$(BIN)/python loadtest/bench.py --out reports
+	$(BIN)/python -m loadtest.bench --out reports
 
 clean:
 	rm -rf artifacts reports .pytest_cache .ruff_cache .hypothesis

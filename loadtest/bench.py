@@ -15,6 +15,9 @@ over gRPC:
 * **beam sweep**: 64..512 beams at a fixed concurrency;
 * **lifelong sweep**: users with about 100..100,000 events: first call (compression) and
   warm calls (cached);
+* **feature stores**: the same Triton behind a front end on SQLite, then on a real
+  ``redis-server`` (Debian's package; skipped where it is missing), Recommend QPS and
+  p99 at concurrency 1 and at the server's peak, and LogEvents' durable-write latency;
 * **batch-delay sweep**: Triton's ``max_queue_delay_microseconds`` for both models,
   changed through its repository API (a reload, no restart), at a fixed concurrency.
 
@@ -64,6 +67,7 @@ from server.triton_launcher import TritonPorts, TritonProcess
 MODELS = ("onerec_encoder", "onerec_decoder")
 VERDICT = {True: "agree", False: "DISAGREE", None: "not checked: levels under the 10 s window"}
 LIFELONG_COLS = ["history", "user_history", "first_call_ms", "p50_ms", "p99_ms"]
+STORE_COLS = ["store", "concurrency", "qps", "p50_ms", "p95_ms", "p99_ms"]
 DELAY_COLS = ["max_queue_delay_us", "qps", "p50_ms", "p99_ms", "avg_batch_decoder"]
 
 
@@ -95,35 +99,24 @@ def _model_value(m: dict, name: str, model: str) -> float:
     return sum(v for (n, labels), v in m.items() if n == name and ("model", model) in labels)
 
 
-class Stack:
-    """Triton and an `onerec serve` front end on free ports; stopped on exit."""
+class FrontProcess:
+    """An `onerec serve` front end on free ports against a running Triton, on the feature
+    store ``store`` (a SQLite path or a redis:// URL); stopped on exit."""
 
-    def __init__(self, artifacts: Path, repository: Path, peak: float, workdir: Path) -> None:
-        cfg = repository_config(repository)
-        self.triton = TritonProcess(
-            repository, TritonPorts(*_free_ports(3)), probe=lambda u: probe(u, cfg)
-        )
+    def __init__(
+        self, artifacts: Path, repository: Path, peak: float, triton_url: str, store: str, log: Path
+    ) -> None:
         self.port, self.metrics_port = _free_ports(2)
-        self.store = workdir / "features.sqlite"
-        shutil.copy(artifacts / "features.sqlite", self.store)  # load must not touch the build
         self.argv = [sys.executable, "-m", "onerec", "serve", "--artifacts", str(artifacts)]
-        self.argv += ["--repository", str(repository), "--feature-store", str(self.store)]
+        self.argv += ["--repository", str(repository), "--feature-store", store]
         self.argv += ["--port", str(self.port), "--metrics-port", str(self.metrics_port)]
         self.argv += ["--peak-flops", str(peak), "--max-inflight", "256"]
-        self.log = workdir / "front.log"
+        self.argv += ["--triton-url", triton_url]
+        self.log = log
 
-    def __enter__(self) -> Stack:
-        self.triton.start()
-        try:
-            return self._start_front()
-        except BaseException:
-            self.triton.stop()
-            raise
-
-    def _start_front(self) -> Stack:
-        self.argv += ["--triton-url", self.triton.grpc_url]
-        self._log = open(self.log, "w")  # noqa: SIM115 - the child writes it until __exit__
-        self.front = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT)
+    def __enter__(self) -> FrontProcess:
+        self._log = open(self.log, "w")
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.stub = pb_grpc.RecommenderStub(self.channel)
         deadline = time.monotonic() + 120
@@ -132,21 +125,55 @@ class Stack:
                 self.stub.Recommend(pb.RecommendRequest(user_id="warm-up"), timeout=5)
                 return self
             except grpc.RpcError as e:
-                if self.front.poll() is not None or time.monotonic() > deadline:
-                    self.front.kill()
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.__exit__()
                     tail = self.log.read_text()[-2000:]
                     raise RuntimeError(f"front end did not start: {tail}") from e
                 time.sleep(0.5)
 
     def __exit__(self, *exc) -> None:
+        self.channel.close()
+        self.proc.send_signal(signal.SIGTERM)
         try:
-            self.channel.close()
-            self.front.send_signal(signal.SIGTERM)
-            try:
-                self.front.wait(60)
-            except subprocess.TimeoutExpired:
-                self.front.kill()
-            self._log.close()
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+
+class Stack:
+    """Triton and an `onerec serve` front end on free ports; stopped on exit."""
+
+    def __init__(self, artifacts: Path, repository: Path, peak: float, workdir: Path) -> None:
+        cfg = repository_config(repository)
+        self.triton = TritonProcess(
+            repository, TritonPorts(*_free_ports(3)), probe=lambda u: probe(u, cfg)
+        )
+        self.artifacts, self.repository, self.peak = artifacts, repository, peak
+        self.workdir = workdir
+        self.store = workdir / "features.sqlite"
+        shutil.copy(artifacts / "features.sqlite", self.store)  # load must not touch the build
+
+    def front_end(self, store: str, name: str) -> FrontProcess:
+        """Another front end on this Triton, on ``store``."""
+        log = self.workdir / f"{name}.log"
+        return FrontProcess(
+            self.artifacts, self.repository, self.peak, self.triton.grpc_url, store, log
+        )
+
+    def __enter__(self) -> Stack:
+        self.triton.start()
+        try:
+            self.front = self.front_end(str(self.store), "front").__enter__()
+        except BaseException:
+            self.triton.stop()
+            raise
+        self.stub, self.metrics_port = self.front.stub, self.front.metrics_port
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.front.__exit__()
         finally:
             self.triton.stop()
 
@@ -366,6 +393,63 @@ def baseline_rows(naive: NaiveServing, builder: PathwayBuilder, users, flops_of,
     return Level(np.array(lat), time.perf_counter() - started_all, flops, 0)
 
 
+def log_events_latency(stub, users: list[str], items: list[str], n: int) -> dict:
+    """``n`` LogEvents of one event each, one at a time: how long an acknowledged (durable)
+    write takes."""
+    rng = np.random.default_rng(2)
+    lat = []
+    for i in range(n):
+        event = pb.Event(
+            item_id=items[int(rng.integers(len(items)))],
+            timestamp_ms=int(time.time() * 1000),
+            watch_ms=5_000,
+            click=True,
+        )
+        request = pb.LogEventsRequest(
+            user_id=users[int(rng.integers(len(users)))], events=[event], request_id=f"bench-{i}"
+        )
+        started = time.perf_counter()
+        stub.LogEvents(request, timeout=10)
+        lat.append(time.perf_counter() - started)
+    ms = np.array(lat) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+def store_sweep(stack: Stack, users, flops_of, clients: list[int], seconds: float) -> dict:
+    """The same Triton and weights behind a front end on each feature store, back to back:
+    Recommend QPS and latency per concurrency, then LogEvents' write latency. Redis runs
+    with ``appendfsync always`` and SQLite with ``synchronous=FULL``: both durable."""
+    from loadtest.redis_server import RedisServer
+    from onerec.data.schema import Dataset
+    from server.feature_store import load_store
+
+    workdir = stack.workdir / "stores"
+    workdir.mkdir()
+    try:
+        redis = RedisServer(workdir).start()
+    except FileNotFoundError as e:
+        return {"rows": [], "log_events": {}, "skipped": str(e)}
+    rows, writes = [], {}
+    try:
+        ds = Dataset.load(stack.artifacts / "data")
+        load_store(ds, redis.url())
+        sqlite = workdir / "features.sqlite"
+        shutil.copy(stack.artifacts / "features.sqlite", sqlite)
+        items = ds.items["item_id"].astype(str).tolist()
+        for name, store in (("sqlite", str(sqlite)), ("redis", redis.url())):
+            with stack.front_end(store, f"front-{name}") as front:
+                for u in users:  # the lifelong caches, as the main sweep had them
+                    front.stub.Recommend(pb.RecommendRequest(user_id=u, count=1), timeout=60)
+                for c in clients:
+                    level = closed_loop(front.stub, users, flops_of, 128, c, seconds)
+                    rows.append({"store": name, "concurrency": c, **_row(level, stack.peak)})
+                    print(f"store {name} c={c}: {rows[-1]['qps']:.1f} QPS", flush=True)
+                writes[name] = log_events_latency(front.stub, users, items, 200)
+    finally:
+        redis.stop()
+    return {"rows": rows, "log_events": writes}
+
+
 def history_lengths(store_path: Path) -> pd.Series:
     import sqlite3
 
@@ -459,6 +543,19 @@ def markdown(r: dict) -> str:
         f"{table(r['lifelong_sweep'], LIFELONG_COLS)}\n"
         f"## Triton batch delay (concurrency {r['beam_concurrency']}, beam 128)\n\n"
         f"{table(r['delay_sweep'], DELAY_COLS)}\n"
+        f"{store_markdown(r['store_sweep'], table)}"
+    )
+
+
+def store_markdown(sweep: dict, table) -> str:
+    head = "## Feature store: SQLite vs Redis (same Triton, beam 128, closed loop)\n\n"
+    if sweep.get("skipped"):
+        return f"{head}Not run: {sweep['skipped']}\n"
+    writes = [{"store": k, **v} for k, v in sweep["log_events"].items()]
+    return (
+        f"{head}{table(sweep['rows'], STORE_COLS)}\n"
+        f"LogEvents, one event per call, one call at a time (acknowledged = durable):\n\n"
+        f"{table(writes, ['store', 'p50_ms', 'p99_ms'])}\n"
     )
 
 
@@ -568,6 +665,9 @@ def main(argv: list[str] | None = None) -> int:
                     "p99_ms": float(np.percentile(ms, 99)),
                 }
             )
+        report["store_sweep"] = store_sweep(
+            stack, users, flops_of, sorted({1, best["concurrency"]}), args.seconds
+        )
         for delay in args.delays:  # last: it reloads the models
             set_queue_delay(stack.triton.grpc_url, delay)
             warm(stack.stub, users)

@@ -59,18 +59,24 @@ def free_ports(n: int) -> list[int]:
 
 
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory):
-    """A real redis-server (loadtest/redis_server.py) for the session. Where the binary is
-    missing the tests skip, except under CI=true, where .ci/run must have installed it."""
+def redis_binary() -> str:
+    """Debian's redis-server. Where it is missing the tests that need it skip, except
+    under CI=true, where .ci/run must have installed it."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        reason = "redis-server is not installed (apt-get install redis-server)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but {reason}")
+        pytest.skip(reason)
+    return binary
+
+
+@pytest.fixture(scope="session")
+def redis_server(redis_binary, tmp_path_factory):
+    """A real redis-server (loadtest/redis_server.py) for the session."""
     from loadtest.redis_server import RedisServer
 
-    try:
-        server = RedisServer(tmp_path_factory.mktemp("redis"))
-    except FileNotFoundError as e:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true but {e}")
-        pytest.skip(str(e))
-    with server:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from loadtest.bench import Level, _row, agreement, stage_split
 
-BENCH = Path(__file__).parents[1] / "loadtest" / "bench.py"
+ROOT = Path(__file__).parents[1]
 ROW_KEYS = {"qps", "p50_ms", "p95_ms", "p99_ms", "mfu"}
 
 
@@ -44,14 +44,16 @@ def test_a_level_without_answers_is_null_not_nan() -> None:
     json.dumps(row, allow_nan=False)
 
 
-def test_bench_runs_end_to_end_and_writes_the_report(served, tmp_path) -> None:
-    """A few seconds per level against the real stack: the shape DESIGN.md names."""
+def test_bench_runs_end_to_end_and_writes_the_report(served, redis_binary, tmp_path) -> None:
+    """A few seconds per level against the real stack: the shape DESIGN.md names, and the
+    same front end on SQLite and on a real redis-server (the bench starts its own)."""
     _, _, _, repo, art = served
-    argv = [sys.executable, str(BENCH), "--artifacts", str(art), "--repository", str(repo)]
+    argv = [sys.executable, "-m", "loadtest.bench", "--artifacts", str(art)]
+    argv += ["--repository", str(repo)]
     argv += ["--out", str(tmp_path), "--concurrency", "1,4", "--beams", "16,64"]
     argv += ["--histories", "250", "--delays", "4000", "--seconds", "1.5"]
     argv += ["--baseline-requests", "3", "--users", "12", "--beam-concurrency", "2"]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["prometheus"]["agree"] is None  # 1.5 s levels: under the 10 s window
@@ -68,5 +70,14 @@ def test_bench_runs_end_to_end_and_writes_the_report(served, tmp_path) -> None:
     assert delay["max_queue_delay_us"] == 4000 and delay["requests"] > 0
     assert report["prometheus"]["illegal_items_total"] == 0
     assert report["summary"]["throughput_ratio"] > 0
+    stores = report["store_sweep"]
+    levels = sorted({1, report["summary"]["server_peak_concurrency"]})
+    got = [(r["store"], r["concurrency"]) for r in stores["rows"]]
+    assert got == [(store, c) for store in ("sqlite", "redis") for c in levels]
+    for row in stores["rows"]:
+        assert row["qps"] > 0 and row["errors_or_fallbacks"] == 0
+    assert set(stores["log_events"]) == {"sqlite", "redis"}
+    assert all(w["p99_ms"] >= w["p50_ms"] > 0 for w in stores["log_events"].values())
+    assert "SQLite vs Redis" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.md").read_text().startswith("# Benchmark")
     assert (tmp_path / "bench_latency_qps.png").stat().st_size > 0
