@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # pip's find-links index on this machine is noisy about missing mirror folders.
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install stubs run test eval lint format build bench-tokenizer loadtest bench clean k8s-check
+.PHONY: install stubs run test eval lint format build bench-tokenizer loadtest bench chaos clean k8s-check
 
 PROTO := protos/onerec/v1/recommender.proto
 STUBS := onerec/v1/recommender_pb2_grpc.py
@@ -92,6 +92,17 @@ loadtest: install
 bench: install
 	$(BIN)/onerec build
 	$(BIN)/python -m loadtest.bench --out reports
+
+# Faults under load (docs/operations.md): Redis, a supervised Triton and two front ends on
+# this machine; kill -9 of a front end, of tritonserver and of Redis, and a SIGTERM drain,
+# each under load, then a soak at half the peak for SOAK_S seconds. Writes
+# reports/chaos.json, reports/chaos.md and reports/chaos_p99.png; exits 3 if an
+# acknowledged event was lost, a fault did not recover, the soak saw an error or a
+# process's RSS grew 5% or more. About 14 minutes after the build.
+SOAK_S ?= 600
+chaos: install
+	$(BIN)/onerec build
+	$(BIN)/python -m loadtest.chaos --out reports --soak-s $(SOAK_S)
 
 clean:
 	rm -rf artifacts reports .pytest_cache .ruff_cache .hypothesis

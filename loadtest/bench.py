@@ -51,8 +51,8 @@ import numpy as np
 import pandas as pd
 import torch
 import tritonclient.grpc as grpcclient
-from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.net import free_ports, scrape
 from onerec.experiment import load_catalog, load_model
 from onerec.naive_serving import NaiveServing
 from onerec.pathways import request_flops
@@ -71,30 +71,6 @@ STORE_COLS = ["store", "concurrency", "qps", "p50_ms", "p95_ms", "p99_ms"]
 DELAY_COLS = ["max_queue_delay_us", "qps", "p50_ms", "p99_ms", "avg_batch_decoder"]
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _scrape(port: int) -> dict[tuple[str, tuple], float]:
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            name = s.name.removesuffix("_total")  # the parser adds it to every counter
-            out[(name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
 def _model_value(m: dict, name: str, model: str) -> float:
     return sum(v for (n, labels), v in m.items() if n == name and ("model", model) in labels)
 
@@ -106,7 +82,7 @@ class FrontProcess:
     def __init__(
         self, artifacts: Path, repository: Path, peak: float, triton_url: str, store: str, log: Path
     ) -> None:
-        self.port, self.metrics_port = _free_ports(2)
+        self.port, self.metrics_port = free_ports(2)
         self.argv = [sys.executable, "-m", "onerec", "serve", "--artifacts", str(artifacts)]
         self.argv += ["--repository", str(repository), "--feature-store", store]
         self.argv += ["--port", str(self.port), "--metrics-port", str(self.metrics_port)]
@@ -147,7 +123,7 @@ class Stack:
     def __init__(self, artifacts: Path, repository: Path, peak: float, workdir: Path) -> None:
         cfg = repository_config(repository)
         self.triton = TritonProcess(
-            repository, TritonPorts(*_free_ports(3)), probe=lambda u: probe(u, cfg)
+            repository, TritonPorts(*free_ports(3)), probe=lambda u: probe(u, cfg)
         )
         self.artifacts, self.repository, self.peak = artifacts, repository, peak
         self.workdir = workdir
@@ -624,9 +600,9 @@ def main(argv: list[str] | None = None) -> int:
         for u in users:
             stack.stub.Recommend(pb.RecommendRequest(user_id=u, count=1), timeout=60)
         for c in args.concurrency:
-            before, front0 = _scrape(stack.triton.ports.metrics), _scrape(stack.metrics_port)
+            before, front0 = scrape(stack.triton.ports.metrics), scrape(stack.metrics_port)
             level = closed_loop(stack.stub, users, flops_of, 128, c, args.seconds)
-            after, front = _scrape(stack.triton.ports.metrics), _scrape(stack.metrics_port)
+            after, front = scrape(stack.triton.ports.metrics), scrape(stack.metrics_port)
             row = {"concurrency": c, **_row(level, peak), "triton": triton_split(before, after)}
             row["stages_ms"] = stage_split(front0, front)
             row["prom_qps"] = front[("onerec_qps", ())]
@@ -671,11 +647,11 @@ def main(argv: list[str] | None = None) -> int:
         for delay in args.delays:  # last: it reloads the models
             set_queue_delay(stack.triton.grpc_url, delay)
             warm(stack.stub, users)
-            before = _scrape(stack.triton.ports.metrics)
+            before = scrape(stack.triton.ports.metrics)
             level = closed_loop(
                 stack.stub, users, flops_of, 128, args.beam_concurrency, args.seconds
             )
-            split = triton_split(before, _scrape(stack.triton.ports.metrics))
+            split = triton_split(before, scrape(stack.triton.ports.metrics))
             report["delay_sweep"].append(
                 {
                     "max_queue_delay_us": delay,
@@ -684,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             print(f"delay {delay} us: {report['delay_sweep'][-1]['qps']:.1f} QPS", flush=True)
-        illegal = _scrape(stack.metrics_port)[("onerec_illegal_items", ())]  # the whole run
+        illegal = scrape(stack.metrics_port)[("onerec_illegal_items", ())]  # the whole run
         report["prometheus"] = agreement(report["server"], illegal, args.seconds)
     shutil.rmtree(tmp, ignore_errors=True)
     report["summary"] = {

@@ -6,18 +6,13 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from loadtest.net import free_ports
 
 
 class RedisServer:
@@ -28,7 +23,7 @@ class RedisServer:
         if binary is None:
             raise FileNotFoundError("redis-server is not installed (apt-get install redis-server)")
         self.binary, self.dir, self.fsync = binary, Path(directory), fsync
-        self.port = port or free_port()
+        self.port = port or free_ports(1)[0]
         self.proc: subprocess.Popen | None = None
 
     def url(self, db: int = 0) -> str:
@@ -63,9 +58,11 @@ class RedisServer:
         return self.url(db)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig``; wait for the exit unless it only stops the process (SIGSTOP)."""
         assert self.proc is not None
         self.proc.send_signal(sig)
-        self.proc.wait(30)
+        if sig != signal.SIGSTOP:
+            self.proc.wait(30)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -167,7 +167,6 @@ class FrontEnd:
         self.health = health.aio.HealthServicer()
         self._probe_task: asyncio.Task | None = None
         self._failures = 0
-        self._store_up = True
         self.port = 0
 
     async def start(self) -> None:
@@ -235,17 +234,19 @@ class FrontEnd:
         await self.health.set(SERVICE, _status(ready))
 
     async def _check_store(self) -> None:
-        """Ping the feature store; its health entry and gauge follow the answer."""
+        """Ping the feature store; its health entry, its gauge and whether requests use it
+        (``store_ready``, which a failed request also clears) follow the answer."""
+        was_up = self.service.store_ready
         try:
             await asyncio.to_thread(self.ctx.store.ping)
             up = True
         except StoreUnavailable as e:
             up = False
-            if self._store_up:
+            if was_up:
                 log.warning("feature store unavailable: %s", e)
-        if up and not self._store_up:
-            log.info("feature store available")
-        self._store_up = up
+        if up and not was_up:
+            log.warning("feature store available again")
+        self.service.store_ready = up
         self.metrics.dependency_up.labels("feature_store").set(up)
         await self.health.set(STORE_HEALTH, _status(up))
 

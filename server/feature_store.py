@@ -368,7 +368,7 @@ def open_store(spec: str | Path) -> FeatureStore:
         return RedisFeatureStore(
             str(spec),
             password=env.get("ONEREC_REDIS_PASSWORD"),
-            timeout_s=float(env.get("ONEREC_REDIS_TIMEOUT_S", "1.0")),
+            timeout_s=float(env.get("ONEREC_REDIS_TIMEOUT_S", "0.5")),
             wait_replicas=int(env.get("ONEREC_REDIS_WAIT_REPLICAS", "0")),
             wait_timeout_ms=int(env.get("ONEREC_REDIS_WAIT_TIMEOUT_MS", "1000")),
         )

@@ -124,20 +124,20 @@ class RedisFeatureStore:
         self,
         url: str,
         password: str | None = None,
-        timeout_s: float = 1.0,
+        timeout_s: float = 0.5,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 1000,
     ) -> None:
         self.url = url
         self.wait_replicas, self.wait_timeout_ms = wait_replicas, wait_timeout_ms
-        # One quick retry heals a pooled connection that a Redis restart broke; more
-        # would only stretch a request's latency while Redis is really away.
+        # One quick retry heals a pooled connection that a Redis restart broke. A timeout
+        # is not retried: a Redis that hangs would cost every call twice the timeout.
         self.r = redis.Redis.from_url(
             url,
             password=password or None,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1),
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
             health_check_interval=30,
         )
         self._append = self.r.register_script(_APPEND)
@@ -209,7 +209,7 @@ class RedisFeatureStore:
         with self._errors():
             try:
                 accepted = self._run_append(keys, args)
-            except (redis.ConnectionError, redis.TimeoutError):
+            except redis.ConnectionError:
                 accepted = self._run_append(keys, args)
         return accepted
 

@@ -76,20 +76,24 @@ class Context:
 
 
 class Throttled:
-    """One log line per ``every_s`` at most, saying how many calls it stands for: an outage
-    at hundreds of calls a second must not write hundreds of lines a second."""
+    """One log line per ``every_s`` at most: an outage at hundreds of calls a second must
+    not write hundreds of lines a second. A line after a quiet spell is the call's own; a
+    later one also says how many calls went unlogged since the last line."""
 
     def __init__(self, every_s: float = 5.0) -> None:
         self.every_s = every_s
         self._last = -every_s
-        self._count = 0
+        self._unlogged = 0
 
     def warning(self, message: str, *args: object) -> None:
-        self._count += 1
         now = time.monotonic()
-        if now - self._last >= self.every_s:
-            log.warning(f"{message} (%d calls since the last such line)", *args, self._count)
-            self._last, self._count = now, 0
+        if now - self._last < self.every_s:
+            self._unlogged += 1
+            return
+        if self._unlogged:
+            message += f" (and {self._unlogged} more failed calls since the last such line)"
+        log.warning(message, *args)
+        self._last, self._unlogged = now, 0
 
 
 class Unavailable(Exception):
@@ -149,6 +153,9 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         self.ctx = ctx
         self.inflight = 0
         self.model_ready = False  # set by the health loop's probe
+        # False from a store failure until the health loop's ping succeeds: a store that
+        # hangs then costs one timeout, not one per call.
+        self.store_ready = True
         self._triton_down_log, self._store_down_log = Throttled(), Throttled()
 
     # -- plumbing ---------------------------------------------------------------------
@@ -245,6 +252,8 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         except (OSError, ValueError) as e:
             raise Unavailable(f"no live catalog: {e}") from e
         none = np.zeros(0, np.int64)
+        if not self.store_ready:
+            return Prepared(view, None, none, excluded, None, "feature_store_unavailable")
         started = time.perf_counter()
         try:
             static, version = ctx.store.static(user), ctx.store.version(user)
@@ -255,8 +264,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
                 static = np.zeros(len(ctx.cfg.static_cardinalities), np.int64)
             built = ctx.builder.build(user, now_ms, static, inline)
         except StoreUnavailable as e:
-            m.store_errors.labels("Recommend").inc()
-            self._store_down_log.warning("feature store unavailable: %s", e)
+            self._store_failed("Recommend", e)
             return Prepared(view, None, none, excluded, None, "feature_store_unavailable")
         m.stage.labels("features").observe(profile_s + built.features_s)
         m.stage.labels("lifelong").observe(built.lifelong_s)
@@ -332,14 +340,23 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             )
             for i, e in enumerate(ids)
         ]
+        retry = "events not stored, retry with the same request_id"
+        if not self.store_ready:
+            ctx.metrics.store_errors.labels("LogEvents").inc()
+            raise Unavailable(f"{retry}: the feature store is unavailable")
         try:
             accepted = await asyncio.to_thread(
                 ctx.store.append, request.user_id, rows, request.request_id
             )
         except StoreUnavailable as e:
-            ctx.metrics.store_errors.labels("LogEvents").inc()
-            raise Unavailable(f"events not stored, retry with the same request_id: {e}") from e
+            self._store_failed("LogEvents", e)
+            raise Unavailable(f"{retry}: {e}") from e
         return pb.LogEventsResponse(accepted=accepted)
+
+    def _store_failed(self, method: str, error: StoreUnavailable) -> None:
+        self.ctx.metrics.store_errors.labels(method).inc()
+        self.store_ready = False
+        self._store_down_log.warning("feature store unavailable: %s", error)
 
 
 def add_to_server(service: RecommenderService, server: grpc.aio.Server) -> None:

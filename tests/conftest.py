@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from loadtest.net import free_ports
 
 SHARED_DATA = Path(
     os.environ.get("ONEREC_SHARED_DATA", Path(__file__).parents[1] / ".." / "shared" / "data")
@@ -45,17 +46,6 @@ def ml_latest_small() -> Path:
 @pytest.fixture
 def kuairand_sample() -> Path:
     return shared_dataset("kuairand-sample")
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports that were free a moment ago."""
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="session")

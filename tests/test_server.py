@@ -653,6 +653,23 @@ def test_two_front_ends_share_one_redis(served, redis_server, tmp_path) -> None:
         store = RedisFeatureStore(url)
         version = store.version(user)
 
+        redis_server.kill(signal.SIGSTOP)  # hangs: no answer, no refusal
+        try:
+            for _ in range(3):  # the first waits out the store's timeout, the rest do not
+                started = time.monotonic()
+                r = stub_b.Recommend(pb.RecommendRequest(user_id=user, count=5), timeout=2)
+                assert r.degraded == "feature_store_unavailable" and len(r.items) == 5
+                assert time.monotonic() - started < 1.5
+            with pytest.raises(grpc.RpcError) as err:
+                stub_b.LogEvents(pb.LogEventsRequest(user_id=user, events=[event]), timeout=2)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while stub_b.Recommend(pb.RecommendRequest(user_id=user, count=5)).degraded:
+            assert time.monotonic() < deadline, "never used the store again"
+            time.sleep(0.2)
+
         redis_server.kill()
         try:
             r = stub_b.Recommend(pb.RecommendRequest(user_id=user, count=5), timeout=5)
@@ -673,6 +690,12 @@ def test_two_front_ends_share_one_redis(served, redis_server, tmp_path) -> None:
             assert _gauge(b.metrics(), fallback) >= 1
         finally:
             redis_server.start()
+        for channel in channels:  # calls use the store again from the next good ping on
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 30
+            while health.Check(store_health, timeout=5).status != SERVING:
+                assert time.monotonic() < deadline, "the store's health never came back"
+                time.sleep(0.2)
         assert store.version(user) == version  # the refused call stored nothing
         assert stub_a.LogEvents(logged).accepted == 1  # a retry of the first: applied once
         assert store.version(user) == version
