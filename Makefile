@@ -22,7 +22,7 @@ $(STUBS): $(PROTO) $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PIP) -e '.[dev,loadtest]' 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PIP) -e '.[train,dev,loadtest]' 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -c "import torch, onerec, faiss, grpc, tritonclient.grpc, onnxruntime"
 	touch $(STAMP)
 

@@ -21,7 +21,7 @@ over gRPC:
 * **batch-delay sweep**: Triton's ``max_queue_delay_microseconds`` for both models,
   changed through its repository API (a reload, no restart), at a fixed concurrency.
 
-MFU = model FLOPs of the completed requests (``onerec.pathways.request_flops``: each
+MFU = model FLOPs of the completed requests (``onerec.runtime.pathways.request_flops``: each
 request at its own pathway lengths, as the server counts them; checked against
 FlopCounterMode in the tests) per second, over the best of a few float32 GEMMs measured
 here. Everything runs on one machine: the
@@ -53,9 +53,9 @@ import torch
 import tritonclient.grpc as grpcclient
 
 from loadtest.net import free_ports, scrape
-from onerec.experiment import load_catalog, load_model
+from onerec.experiment import load_item_tables, load_model
 from onerec.naive_serving import NaiveServing
-from onerec.pathways import request_flops
+from onerec.runtime.pathways import request_flops
 from onerec.v1 import recommender_pb2 as pb
 from onerec.v1 import recommender_pb2_grpc as pb_grpc
 from server.feature_store import SQLiteFeatureStore
@@ -165,7 +165,7 @@ class Level:
 
 def user_flops(builder: PathwayBuilder, users: list[str], cfg, beams: list[int]) -> list[dict]:
     """Each user's model FLOPs per beam width, from the pathways the front end builds
-    (``onerec.pathways.request_flops``, as the server counts them); this also warms
+    (``onerec.runtime.pathways.request_flops``, as the server counts them); this also warms
     ``builder``'s lifelong cache, as the server's is warmed."""
     out = []
     for user in users:
@@ -397,7 +397,7 @@ def store_sweep(stack: Stack, users, flops_of, clients: list[int], seconds: floa
     with ``appendfsync always`` and SQLite with ``synchronous=FULL``: both durable."""
     from loadtest.redis_server import RedisServer
     from onerec.data.schema import Dataset
-    from server.feature_store import load_store
+    from onerec.feature_load import load_store
 
     workdir = stack.workdir / "stores"
     workdir.mkdir()
@@ -585,12 +585,12 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="onerec-bench-"))
     store_copy = tmp / "baseline.sqlite"
     shutil.copy(args.artifacts / "features.sqlite", store_copy)
-    _, catalog, index = load_catalog(args.artifacts)
-    builder = PathwayBuilder(SQLiteFeatureStore(store_copy), cfg, catalog.vectors)
+    _, item_tables, index = load_item_tables(args.artifacts)
+    builder = PathwayBuilder(SQLiteFeatureStore(store_copy), cfg, item_tables.vectors)
     print(f"pathways of {len(users)} users ...", flush=True)
     flops_of = user_flops(builder, users, cfg, sorted({128, *args.beams}))
     print("baseline ...", flush=True)  # first, with the machine to itself
-    naive = NaiveServing(load_model(args.artifacts, catalog), index.trie.sids)
+    naive = NaiveServing(load_model(args.artifacts, item_tables), index.trie.sids)
     base = baseline_rows(naive, builder, users, flops_of, 128, args.baseline_requests)
     report["baseline"].append({"concurrency": 1, **_row(base, peak)})
     b = report["baseline"][0]

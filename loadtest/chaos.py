@@ -56,9 +56,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtest.net import free_ports, scrape
 from onerec.data.schema import Dataset
+from onerec.feature_load import load_store
 from onerec.v1 import recommender_pb2 as pb
 from onerec.v1 import recommender_pb2_grpc as pb_grpc
-from server.feature_store import load_store
 from server.metrics import measure_peak_flops
 from server.redis_store import RedisFeatureStore
 from server.triton_client import probe, repository_config

@@ -32,8 +32,8 @@ from torch import nn
 from tqdm import tqdm
 
 from onerec.data.schema import Dataset
+from onerec.event_arrays import windows
 from onerec.metrics import Split
-from onerec.pathways import windows
 
 
 class PopularityModel:

@@ -4,7 +4,7 @@
 does: build the four pathways from the history before the held-out event, encode once,
 run the trie-constrained beam search, expand each SID into its items in collision-rank
 order (the catalog rule), and order those items by the model's ranking stage
-(:mod:`onerec.ranking`, weighted as :func:`fit_rank_weight` fitted it).
+(:mod:`onerec.runtime.ranking`, weighted as :func:`fit_rank_weight` fitted it).
 :func:`onerec_ranks` turns those ranked lists, seen items removed, into per-user target
 ranks, exactly as :mod:`onerec.metrics` does for the score-based baselines.
 """
@@ -16,52 +16,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from onerec.beam_search import constrained_beam_search
 from onerec.data.schema import Dataset
-from onerec.lifelong import compress_history
+from onerec.event_arrays import EventArrays
 from onerec.metrics import Split, filter_topk_seen, metrics_from_ranks, topk_ranks
 from onerec.model import OneRec
-from onerec.pathways import EventArrays, build_pathways, collate
-from onerec.ranking import rank_candidates
-from onerec.train import Catalog
-from onerec.trie import SIDTrie
-
-
-@dataclass(frozen=True)
-class SIDIndex:
-    """Leaf (unique SID) -> items, CSR, items in collision-rank order."""
-
-    trie: SIDTrie
-    offsets: np.ndarray  # (S + 1,)
-    items: np.ndarray  # (N,) item rows grouped by leaf
-
-    @classmethod
-    def build(cls, sids: np.ndarray, collision_rank: np.ndarray, codebook_size: int) -> SIDIndex:
-        trie = SIDTrie.from_codes(sids, codebook_size)
-        leaf = trie.leaf_of(sids)
-        order = np.lexsort((collision_rank, leaf))
-        offsets = np.searchsorted(leaf[order], np.arange(len(trie) + 1))
-        return cls(trie, offsets, order)
-
-    def expand(self, leaves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, W) ranked leaves (-1 = none) -> (B, M) ranked items, and the column of
-        ``leaves`` each came from; both -1 padded."""
-        b, w = leaves.shape
-        flat = leaves.ravel()
-        counts = np.where(flat >= 0, self.offsets[flat + 1] - self.offsets[np.maximum(flat, 0)], 0)
-        per_row = counts.reshape(b, w).sum(1)
-        width = max(1, int(per_row.max(initial=0)))
-        starts = np.repeat(self.offsets[np.maximum(flat, 0)], counts)
-        within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-        items = self.items[starts + within]
-        row = np.repeat(np.repeat(np.arange(b), w), counts)
-        col = np.arange(len(row)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
-        out = np.full((b, width), -1, np.int64)
-        out[row, col] = items
-        source = np.full((b, width), -1, np.int64)
-        source[row, col] = np.repeat(np.tile(np.arange(w), b), counts)
-        return out, source
-
+from onerec.runtime.beam_search import constrained_beam_search
+from onerec.runtime.lifelong import compress_history
+from onerec.runtime.pathways import build_pathways, collate
+from onerec.runtime.ranking import rank_candidates
+from onerec.runtime.sid_index import SIDIndex
+from onerec.train import ItemTables
 
 # 0: beam order alone; 1: product of experts; 32: mostly the head's order.
 RANK_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
@@ -76,7 +40,7 @@ class Candidates:
     users: np.ndarray  # (B, d) the ranking stage's user vectors, before its weight
 
     def ranked(self, table: np.ndarray, weight: float) -> np.ndarray:
-        """(B, M) items in ranking-stage order (:func:`onerec.ranking.rank_candidates`)."""
+        """(B, M) items in ranking-stage order (:func:`onerec.runtime.ranking.rank_candidates`)."""
         tokens = np.where(self.items >= 0, self.items + 1, -1)
         order, _ = rank_candidates(weight * self.users, table, tokens, self.sid_logp)
         return np.take_along_axis(self.items, order, axis=1)
@@ -86,7 +50,7 @@ class Candidates:
 def candidates(
     model: OneRec,
     ds: Dataset,
-    catalog: Catalog,
+    item_tables: ItemTables,
     index: SIDIndex,
     split: Split,
     rows: np.ndarray,
@@ -102,9 +66,9 @@ def candidates(
         u = int(split.users[r])
         h = events.user(u)
         past = h.head(int(split.history_end[r] - split.history_start[r]))
-        compressed = compress_history(catalog.vectors[past.items], cfg.lifelong_len)
+        compressed = compress_history(item_tables.vectors[past.items], cfg.lifelong_len)
         now = int(h.timestamp[len(past)])
-        samples.append(build_pathways(past, now, static[u], catalog.vectors, cfg, compressed))
+        samples.append(build_pathways(past, now, static[u], item_tables.vectors, cfg, compressed))
     inputs = {k: torch.from_numpy(v) for k, v in collate(samples).items()}
     memory, keep = model.encoder(**inputs)
     kv = model.decoder.cross_kv(memory)
@@ -133,7 +97,7 @@ def served_ranking(model: OneRec) -> tuple[np.ndarray, float]:
 def fit_rank_weight(
     model: OneRec,
     ds: Dataset,
-    catalog: Catalog,
+    item_tables: ItemTables,
     index: SIDIndex,
     split: Split,
     beam_width: int = 128,
@@ -142,12 +106,10 @@ def fit_rank_weight(
     NDCG@10 on ``split`` (validation events, never the test's); returns each weight's.
 
     How much the next-item head should count depends on the data and on how long each
-    stage trained: two make eval runs picked 1 and 2 on ml-latest-small and 0.5 and 1 on
-    the synthetic set; make run's synthetic fit, after 2 SID epochs, picked 8 (then the
-    grid's top, with validation NDCG@10 still rising) and, on the wider grid, 16.
+    stage trained, so it is fitted, not set (the weights fits picked: docs/findings.md).
     """
     ranks = _ranks(
-        model, ds, catalog, index, split, np.arange(len(split)), beam_width, RANK_WEIGHTS
+        model, ds, item_tables, index, split, np.arange(len(split)), beam_width, RANK_WEIGHTS
     )
     ndcg = {w: metrics_from_ranks(r, ks=(10,))["ndcg@10"] for w, r in ranks.items()}
     best = max(RANK_WEIGHTS, key=lambda w: (ndcg[w], -abs(w - 1.0)))  # ties: nearest 1
@@ -158,7 +120,7 @@ def fit_rank_weight(
 def onerec_ranks(
     model: OneRec,
     ds: Dataset,
-    catalog: Catalog,
+    item_tables: ItemTables,
     index: SIDIndex,
     split: Split,
     beam_width: int = 128,
@@ -168,13 +130,13 @@ def onerec_ranks(
     removed."""
     rows = np.arange(len(split)) if rows is None else np.asarray(rows)
     weight = served_ranking(model)[1]
-    return _ranks(model, ds, catalog, index, split, rows, beam_width, (weight,))[weight]
+    return _ranks(model, ds, item_tables, index, split, rows, beam_width, (weight,))[weight]
 
 
 def _ranks(
     model: OneRec,
     ds: Dataset,
-    catalog: Catalog,
+    item_tables: ItemTables,
     index: SIDIndex,
     split: Split,
     rows: np.ndarray,
@@ -188,7 +150,7 @@ def _ranks(
     ranked: dict[float, list[np.ndarray]] = {w: [] for w in weights}
     for lo in range(0, len(rows), batch_size):
         chunk = rows[lo : lo + batch_size]
-        found = candidates(model, ds, catalog, index, split, chunk, beam_width, events)
+        found = candidates(model, ds, item_tables, index, split, chunk, beam_width, events)
         for w in weights:
             top = filter_topk_seen(found.ranked(table, w), split, ds, chunk)[:, :50]
             ranked[w].append(np.pad(top, ((0, 0), (0, 50 - top.shape[1])), constant_values=-1))

@@ -24,13 +24,15 @@ import torch
 from onerec.baselines import PopularityModel, SASRecConfig, sasrec_scores, train_sasrec
 from onerec.data.schema import Dataset
 from onerec.data.synthetic import oracle_scores
-from onerec.evaluate import SIDIndex, fit_rank_weight, onerec_ranks
+from onerec.evaluate import fit_rank_weight, onerec_ranks
 from onerec.metrics import Split, gains, leave_last_out, scorer_ranks
-from onerec.model import OneRec, OneRecConfig
+from onerec.model import OneRec
+from onerec.runtime.config import OneRecConfig
+from onerec.runtime.sid_index import SIDIndex
 from onerec.semantic_ids import load_item_sids
 from onerec.tokenizer import SemanticTokenizer
 from onerec.train import (
-    Catalog,
+    ItemTables,
     SampleSource,
     TrainConfig,
     build_model,
@@ -43,26 +45,26 @@ log = logging.getLogger(__name__)
 METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
 
 
-def load_catalog(artifacts: Path) -> tuple[Dataset, Catalog, SIDIndex]:
+def load_item_tables(artifacts: Path) -> tuple[Dataset, ItemTables, SIDIndex]:
     ds = Dataset.load(artifacts / "data")
     sids = load_item_sids(artifacts / "tokenizer")
     vectors = np.load(artifacts / "tokenizer" / "item_embeddings.npy")
-    catalog = Catalog.build(ds, vectors, sids.codes)
+    item_tables = ItemTables.build(ds, vectors, sids.codes)
     k = SemanticTokenizer.load(artifacts / "tokenizer" / "codebooks.npz").config.codebook_size
-    return ds, catalog, SIDIndex.build(sids.codes, sids.collision_rank, k)
+    return ds, item_tables, SIDIndex.build(sids.codes, sids.collision_rank, k)
 
 
 def train_artifacts(
     artifacts: Path, train_cfg: TrainConfig, sizes: dict[str, int], resume: bool = False
 ) -> dict[str, Any]:
     """Train the model on an artefact directory; the checkpoint lands in ``model/``."""
-    ds, catalog, index = load_catalog(artifacts)
-    cfg = model_config(ds, catalog, index.trie.codebook_size, **sizes)
+    ds, item_tables, index = load_item_tables(artifacts)
+    cfg = model_config(ds, item_tables, index.trie.codebook_size, **sizes)
     torch.manual_seed(train_cfg.seed)
-    model = build_model(cfg, catalog)
+    model = build_model(cfg, item_tables)
     source = SampleSource(
         ds,
-        catalog,
+        item_tables,
         cfg,
         train_cfg.samples_per_user,
         train_cfg.seed,
@@ -74,7 +76,7 @@ def train_artifacts(
     result |= train_ranker(model, source, train_cfg)
     result["seconds"] += result["ranker_seconds"]  # all of it: SASRec gets as much
     if train_cfg.keep_best:  # the validation events were held out of training
-        fit = fit_rank_weight(model.eval(), ds, catalog, index, validation_split(ds))
+        fit = fit_rank_weight(model.eval(), ds, item_tables, index, validation_split(ds))
         result["rank_weight"] = float(model.next_item.rank_weight)
         result["rank_weight_ndcg@10"] = {str(w): round(v, 4) for w, v in fit.items()}
     _store_ranker(path, model)
@@ -107,14 +109,14 @@ def _store_ranker(path: Path, model: OneRec) -> None:
     torch.save(state, path)
 
 
-def load_model(artifacts: Path, catalog: Catalog) -> OneRec:
+def load_model(artifacts: Path, item_tables: ItemTables) -> OneRec:
     state = torch.load(artifacts / "model" / "checkpoint.pt", weights_only=False)
     config = state["model_config"]
     if "next_item_window" in config:
         raise ValueError(
             f"{artifacts}/model: a checkpoint from before the ranking stage; train it again"
         )
-    model = build_model(OneRecConfig(**config), catalog)
+    model = build_model(OneRecConfig(**config), item_tables)
     weights = state["best"]["model"] if state.get("best") else state["model"]
     # Before the ranking phase the head served the encoder's ID table, with no side
     # information: the same scores.
@@ -145,7 +147,7 @@ def evaluate_artifacts(
 ) -> Evaluation:
     """Every model on one leave-last-out split: per-user target ranks, {"onerec": ranks, ...},
     and how each trained model was trained."""
-    ds, catalog, index = load_catalog(artifacts)
+    ds, item_tables, index = load_item_tables(artifacts)
     split = leave_last_out(ds)
     rows = np.arange(len(split))
     if max_users is not None and max_users < len(rows):
@@ -154,7 +156,7 @@ def evaluate_artifacts(
 
     started = time.perf_counter()
     ranks["onerec"] = onerec_ranks(
-        load_model(artifacts, catalog), ds, catalog, index, split, beam_width, rows=rows
+        load_model(artifacts, item_tables), ds, item_tables, index, split, beam_width, rows=rows
     )
     log.info("onerec evaluated in %.1fs", time.perf_counter() - started)
 

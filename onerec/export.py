@@ -5,7 +5,7 @@
   ``user`` vector. Batch and every sequence length are dynamic axes. K/V leave the
   encoder already projected, so the decoder never recomputes them per beam or per step.
 * ``item_table.npy``: the ranking stage's (n_items + 2, d) item table that ``user`` scores
-  candidate items against (:mod:`onerec.ranking`); the front end holds it.
+  candidate items against (:mod:`onerec.runtime.ranking`); the front end holds it.
 * ``decoder_step_{t}.onnx``: SID prefixes ``tokens`` (B, W, t) plus ``keep`` and the K/V
   -> log-probabilities (B, W, K) of level ``t``. One graph per level because the prefix
   length fixes the graph; level 0 takes no tokens (all beams share BOS) and returns
@@ -25,23 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from onerec.model import N_FLAGS, OneRec
+from onerec.model import OneRec
+from onerec.runtime.config import N_FLAGS
+from onerec.runtime.pathways import PATHWAY_INPUTS
 
 OPSET = 17
-PATHWAY_INPUTS = (
-    "static",
-    "short_items",
-    "short_gap",
-    "short_watch",
-    "short_flags",
-    "pos_items",
-    "pos_gap",
-    "pos_watch",
-    "pos_flags",
-    "life_items",
-    "life_gap",
-    "life_weight",
-)
 
 
 def kv_names(model: OneRec) -> list[str]:
@@ -167,11 +155,11 @@ class Parity:
 
 
 def parity(model: OneRec, onnx, pathways: list, trie, beam_width: int) -> Parity:
-    """Run torch and ``onnx`` (an :class:`~onerec.onnx_model.OnnxOneRec`) on ``pathways``
+    """Run torch and ``onnx`` (an :class:`~onerec.runtime.onnx_runners.OnnxOneRec`) on ``pathways``
     (build_pathways dicts): the encoder once, each decode step on the torch search's own
     prefixes, and the constrained search end to end."""
-    from onerec.beam_search import constrained_beam_search
-    from onerec.pathways import collate
+    from onerec.runtime.beam_search import constrained_beam_search
+    from onerec.runtime.pathways import collate
 
     batch = collate(pathways)
     keep, kv, user = onnx.encode(batch)

@@ -2,18 +2,18 @@
 
 Read top to bottom:
 
-* :class:`OneRecConfig` -- the single source of sizes (and of the FLOP count).
+* :class:`~onerec.runtime.config.OneRecConfig` -- the single source of sizes, and
+  :func:`~onerec.runtime.config.flops_per_request`, the FLOP count from it, live in the
+  runtime package: the request path reads both without torch.
 * Building blocks: :class:`Attention`, :class:`FeedForward`, :class:`MoE`.
 * :class:`PathwayEncoder` -- static, short-term, positive-feedback and lifelong pathways;
-  the lifelong one is compressed offline/online by :mod:`onerec.lifelong` and then
+  the lifelong one is compressed offline/online by :mod:`onerec.runtime.lifelong` and then
   reduced by a QFormer (:class:`QFormer`) to ``n_queries`` tokens.
 * :class:`SIDDecoder` -- BOS + one embedding table per SID level; causal self-attention,
   cross-attention to the encoder and a mixture-of-experts FFN; one head per level.
 * :class:`NextItemHead` -- the ranking stage: a user vector from the short-term items,
   scored against the head's own item table, orders the items that the beam search
   generated.
-* :func:`flops_per_request` -- matmul FLOPs of one request from the config and the request's
-  pathway lengths.
 
 Token inputs use index 0 for padding; item index ``i`` of the catalog is ``i + 1`` and
 ``n_items + 1`` stands for an item the model has never seen.
@@ -22,53 +22,19 @@ Token inputs use index 0 for padding; item index ``i`` of the catalog is ``i + 1
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-N_FLAGS = 6  # click, like, follow, comment, forward, hate (schema order)
-N_GAP_BUCKETS = 33  # 0 = pad, then floor(log2(1 + seconds before the request)) + 1, up to 32
-N_WATCH_BUCKETS = 10  # 0 = pad, then the watch ratio in tenths up to 0.8, then "> 0.8"
-N_WEIGHT_BUCKETS = 18  # 0 = pad, then floor(log2(cluster size)) + 1
-
-
-@dataclass
-class OneRecConfig:
-    """Every size the model has. ``static_cardinalities`` comes from the data set."""
-
-    n_items: int
-    static_cardinalities: tuple[int, ...] = ()
-    item_vector_dim: int = 64  # frozen content+collaborative item embedding (tokenizer input)
-    n_authors: int = 1
-    n_tags: int = 1
-    sid_levels: int = 3
-    codebook_size: int = 256
-    d_model: int = 64  # sized so the default trains in ~5 minutes on 2 CPU cores
-    n_heads: int = 4
-    d_ff: int = 128
-    n_static_tokens: int = 2
-    short_len: int = 20
-    positive_len: int = 256
-    lifelong_len: int = 2000
-    n_queries: int = 128
-    qformer_blocks: int = 2
-    encoder_layers: int = 2
-    decoder_layers: int = 2
-    n_experts: int = 4
-    top_k: int = 2
-    d_expert: int = 128
-    dropout: float = 0.0  # CPU dropout masks cost half a step; the model is step-starved
-    rank_dropout: float = 0.2  # the ranking stage's, SASRec's: it overfits small catalogs
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
-    def encoder_len(self) -> int:
-        return self.n_static_tokens + self.short_len + self.positive_len + self.n_queries
+from onerec.runtime.config import (
+    N_FLAGS,
+    N_GAP_BUCKETS,
+    N_WATCH_BUCKETS,
+    N_WEIGHT_BUCKETS,
+    OneRecConfig,
+)
 
 
 class Attention(nn.Module):
@@ -407,7 +373,7 @@ class NextItemHead(nn.Module):
     """The ranking stage: scores items for a user from the order of their recent items.
 
     The SID decoder generates good candidates but orders them worse than a sequential
-    next-item model does; :mod:`onerec.ranking` adds this head's score to each decoded
+    next-item model does; :mod:`onerec.runtime.ranking` adds this head's score to each decoded
     item's SID log-probability. This small causal transformer reads the short-term
     pathway's items, oldest first, and its state at the newest one is the user vector; an
     item's score is its dot product with that item's row of the head's item table.
@@ -415,11 +381,8 @@ class NextItemHead(nn.Module):
     An item's row is its ID's embedding plus the side information the encoder's item
     tokens carry (content vector, author, tag, one embedding per SID code), in the head's
     own parameters: items that share a code, tag or author share those rows, so an item
-    seen a few times borrows from its neighbours (SASRec's table has the ID alone). A
-    SASRec-style model over the same 20-item windows, trained alone for 200 s on
-    ml-latest-small with each user's last 5 events held out, scored NDCG@10 0.066 and
-    0.064 with the ID alone, 0.074 with the SID codes added, 0.079 with the content
-    vector and tag as well.
+    seen a few times borrows from its neighbours (SASRec's table has the ID alone; what
+    each part added is in docs/findings.md).
     """
 
     def __init__(
@@ -591,74 +554,3 @@ class OneRec(nn.Module):
 
     def moe_layers(self) -> list[MoE]:
         return [layer.moe for layer in self.decoder.layers]
-
-
-def _linear(n: int, d_in: int, d_out: int) -> int:
-    return 2 * n * d_in * d_out
-
-
-def _attention(nq: int, nk: int, d: int) -> int:
-    return 2 * 2 * nq * nk * d  # scores and weighted sum
-
-
-def _encoder_layer(t: int, d: int, ff: int) -> int:
-    return _linear(t, d, 3 * d) + _attention(t, t, d) + _linear(t, d, d) + 2 * _linear(t, d, ff)
-
-
-def flops_per_request(
-    cfg: OneRecConfig,
-    beam_width: int,
-    lifelong_items: int | None = None,
-    short_items: int | None = None,
-    positive_items: int | None = None,
-) -> int:
-    """Matmul FLOPs of one request: the encoder once, each SID level for ``beam_width``
-    beams, then the ranking stage over the beams' items.
-
-    Pathway lengths default to the config's maxima; a server passes the request's own,
-    since a light user's encoder runs on far fewer tokens (padding is not useful work).
-
-    Counts what the implementation executes (no KV cache in self-attention: step ``t``
-    recomputes ``t + 1`` positions; cross-attention K/V once per request; the first level
-    runs once, since all beams share BOS). Embedding
-    lookups and element-wise work are not counted, as is usual for MFU.
-    """
-    d, ff = cfg.d_model, cfg.d_ff
-    n_life = cfg.lifelong_len if lifelong_items is None else lifelong_items
-    n_short = cfg.short_len if short_items is None else short_items
-    n_pos = cfg.positive_len if positive_items is None else positive_items
-    n_events = n_short + n_pos
-    t_enc = cfg.n_static_tokens + n_events + cfg.n_queries
-    f = _linear(1, max(1, len(cfg.static_cardinalities)) * d, cfg.n_static_tokens * d)
-    f += _linear(n_events + n_life, cfg.item_vector_dim, d)  # item vector projection
-    f += _linear(n_events, N_FLAGS, d)
-    q = cfg.n_queries
-    f += cfg.qformer_blocks * (
-        _linear(q, d, d)
-        + _linear(n_life, d, 2 * d)
-        + _attention(q, n_life, d)
-        + _linear(q, d, d)
-        + 2 * _linear(q, d, ff)
-    )
-    f += cfg.encoder_layers * _encoder_layer(t_enc, d, ff)
-    # The ranking stage: its two layers over the short-term items, then the candidates'
-    # scores (as many as beams; a SID shared by several items adds a few more).
-    f += _linear(n_short, cfg.item_vector_dim, d)  # its own item vector projection
-    f += 2 * _encoder_layer(n_short, d, ff) + _linear(beam_width, d, 1)
-    f += cfg.decoder_layers * _linear(t_enc, d, 2 * d)  # cross K/V, once
-    for level in range(cfg.sid_levels):
-        beams = 1 if level == 0 else beam_width  # every beam starts from the same BOS
-        n = beams * (level + 1)  # positions computed this step
-        per_layer = (
-            _linear(n, d, 3 * d)
-            + beams * _attention(level + 1, level + 1, d)
-            + _linear(n, d, d)
-            + _linear(n, d, d)  # cross-attention queries
-            + _attention(n, t_enc, d)
-            + _linear(n, d, d)
-            + _linear(n, d, cfg.n_experts)
-            + cfg.top_k * 2 * _linear(n, d, cfg.d_expert)
-        )
-        f += cfg.decoder_layers * per_layer
-        f += _linear(beams, d, cfg.codebook_size)
-    return int(f)

@@ -7,7 +7,7 @@ What ``make bench`` compares the server against, with the same weights:
 * beam search whose constraint is a Python callback per beam, as in Hugging Face's
   ``prefix_allowed_tokens_fn``: a dict from SID prefix to its allowed codes.
 
-It returns the same SIDs as :func:`onerec.beam_search.constrained_beam_search` (a test
+It returns the same SIDs as :func:`onerec.runtime.beam_search.constrained_beam_search` (a test
 checks this), so the comparison is about how it runs, not what it computes.
 """
 

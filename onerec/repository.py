@@ -3,9 +3,10 @@
 The tracked ``model_repository/`` holds only configs and ``model.py`` files. This writes
 the built artefacts beside them (all git-ignored)::
 
-    onerec_encoder/1/encoder.onnx, model.json, item_table.npy (read by the front end)
+    onerec_encoder/1/encoder.onnx, model.json, item_table.npy, items.npz (the last two
+                     are the front end's: the ranking stage's rows and the model's items)
     onerec_decoder/1/decoder_step_{0,1,2}.onnx, model.json
-    onerec_decoder/catalog/          versioned SID catalog (onerec.catalog)
+    onerec_decoder/catalog/          versioned SID catalog (onerec.runtime.catalog)
 
 Writing into another directory first copies the tracked files there, which is how tests
 and Kubernetes images get a repository of their own.
@@ -20,18 +21,22 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from onerec import catalog
+import numpy as np
+
 from onerec.export import export
 from onerec.model import OneRec
-from onerec.semantic_ids import ItemSIDs
-
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_repository"
-ENCODER, DECODER, ENSEMBLE = "onerec_encoder", "onerec_decoder", "onerec"
-CATALOG = "catalog"
-
-
-def catalog_dir(repository: str | Path) -> Path:
-    return Path(repository) / DECODER / CATALOG
+from onerec.runtime import catalog
+from onerec.runtime.catalog import ItemSIDs
+from onerec.runtime.layout import (
+    DECODER,
+    ENCODER,
+    ENSEMBLE,
+    ITEM_TABLE,
+    MODEL_ITEMS,
+    TEMPLATE,
+    catalog_dir,
+)
+from onerec.runtime.model_items import ModelItems
 
 
 def _copy_template(dest: Path) -> None:
@@ -58,17 +63,31 @@ def set_instances(repository: str | Path, model: str, count: int) -> None:
     path.write_text(text)
 
 
+def model_items(artifacts: str | Path) -> ModelItems:
+    """The model's items from a build's data set and tokenizer, for the front end."""
+    import pandas as pd
+
+    frame = pd.read_parquet(Path(artifacts) / "data" / "items.parquet")
+    return ModelItems(
+        frame["item_id"].astype(str).to_numpy(),
+        frame["duration_ms"].to_numpy(np.int64),
+        np.load(Path(artifacts) / "tokenizer" / "item_embeddings.npy"),
+    )
+
+
 def write_model_repository(
     model: OneRec,
     items: ItemSIDs,
+    served_items: ModelItems,
     dest: str | Path = TEMPLATE,
     encoder_instances: int = 1,
     decoder_instances: int = 1,
 ) -> int:
-    """Export ``model`` into ``dest`` and publish ``items`` as the next catalog version.
+    """Export ``model`` into ``dest``, write ``served_items`` beside the encoder, and
+    publish ``items`` as the next catalog version.
 
     Returns the catalog version. Safe to run again on the same repository while Triton is
-    stopped; a running Triton picks up only catalog changes (see onerec.catalog).
+    stopped; a running Triton picks up only catalog changes (see onerec.runtime.catalog).
     """
     dest = Path(dest).resolve()
     if dest != TEMPLATE:
@@ -77,8 +96,13 @@ def write_model_repository(
     with tempfile.TemporaryDirectory() as tmp:
         export(model, tmp)
         enc, dec = dest / ENCODER / "1", dest / DECODER / "1"
-        for name in ("encoder.onnx", "item_table.npy"):
+        for name in ("encoder.onnx", ITEM_TABLE):
             shutil.move(Path(tmp) / name, enc / name)
+        if len(served_items.item_ids) != model.cfg.n_items:
+            raise ValueError(
+                f"{len(served_items.item_ids)} items for a model of {model.cfg.n_items}"
+            )
+        served_items.save(enc / MODEL_ITEMS)
         for level in range(model.cfg.sid_levels):
             name = f"decoder_step_{level}.onnx"
             shutil.move(Path(tmp) / name, dec / name)

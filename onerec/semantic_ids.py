@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,35 +28,28 @@ import pandas as pd
 from onerec.data.schema import Dataset
 from onerec.embeddings import ItemEmbedder, item_embeddings
 from onerec.metrics import leave_last_out
-from onerec.tokenizer import SemanticTokenizer, TokenizerConfig, collision_ranks, collision_stats
+from onerec.runtime.catalog import ItemSIDs, collision_ranks
+from onerec.tokenizer import SemanticTokenizer, TokenizerConfig, collision_stats
 
 
-@dataclass
-class ItemSIDs:
-    """Every item's SID and its rank among the items that share it."""
+def sids_to_frame(items: ItemSIDs) -> pd.DataFrame:
+    """The tokenizer's ``item_sids.parquet`` table: one row per item, a column per level."""
+    frame = pd.DataFrame({"item_id": items.item_ids})
+    for level in range(items.codes.shape[1]):
+        frame[f"sid_{level}"] = items.codes[:, level].astype(np.int32)
+    frame["collision_rank"] = items.collision_rank.astype(np.int32)
+    frame["popularity"] = items.popularity.astype(np.int64)
+    return frame
 
-    item_ids: np.ndarray  # (N,) str
-    codes: np.ndarray  # (N, L) int
-    collision_rank: np.ndarray  # (N,) int, 0 = the SID's primary item
-    popularity: np.ndarray  # (N,) interaction count
 
-    def to_frame(self) -> pd.DataFrame:
-        frame = pd.DataFrame({"item_id": self.item_ids})
-        for level in range(self.codes.shape[1]):
-            frame[f"sid_{level}"] = self.codes[:, level].astype(np.int32)
-        frame["collision_rank"] = self.collision_rank.astype(np.int32)
-        frame["popularity"] = self.popularity.astype(np.int64)
-        return frame
-
-    @classmethod
-    def from_frame(cls, frame: pd.DataFrame) -> ItemSIDs:
-        levels = sorted(c for c in frame.columns if c.startswith("sid_"))
-        return cls(
-            frame["item_id"].astype(str).to_numpy(),
-            frame[levels].to_numpy(np.int64),
-            frame["collision_rank"].to_numpy(np.int64),
-            frame["popularity"].to_numpy(np.int64),
-        )
+def sids_from_frame(frame: pd.DataFrame) -> ItemSIDs:
+    levels = sorted(c for c in frame.columns if c.startswith("sid_"))
+    return ItemSIDs(
+        frame["item_id"].astype(str).to_numpy(),
+        frame[levels].to_numpy(np.int64),
+        frame["collision_rank"].to_numpy(np.int64),
+        frame["popularity"].to_numpy(np.int64),
+    )
 
 
 def tokenize_dataset(
@@ -89,7 +82,7 @@ def tokenize_dataset(
     embedder.save(out / "embedder.npz")
     np.save(out / "item_embeddings.npy", embeddings)
     tokenizer.save(out / "codebooks.npz")
-    sids.to_frame().to_parquet(out / "item_sids.parquet", index=False)
+    sids_to_frame(sids).to_parquet(out / "item_sids.parquet", index=False)
     stats.update(collision_stats(codes))
     stats.update(
         {
@@ -104,7 +97,7 @@ def tokenize_dataset(
 
 
 def load_item_sids(directory: str | Path) -> ItemSIDs:
-    return ItemSIDs.from_frame(pd.read_parquet(Path(directory) / "item_sids.parquet"))
+    return sids_from_frame(pd.read_parquet(Path(directory) / "item_sids.parquet"))
 
 
 def tokenize_new_items(directory: str | Path, content: np.ndarray) -> np.ndarray:

@@ -154,19 +154,6 @@ def balanced_kmeans(
     return centroids, assign
 
 
-def collision_ranks(codes: np.ndarray, popularity: np.ndarray) -> np.ndarray:
-    """Rank of each item inside its full SID: 0 for the most popular, ties by catalog order."""
-    n = len(codes)
-    _, group = np.unique(codes, axis=0, return_inverse=True)
-    group = group.ravel()
-    order = np.lexsort((np.arange(n), -np.asarray(popularity, np.float64), group))
-    g = group[order]
-    start = np.searchsorted(g, g, side="left")
-    ranks = np.empty(n, np.int64)
-    ranks[order] = np.arange(n) - start
-    return ranks
-
-
 @dataclass
 class SemanticTokenizer:
     """Codebooks of a fitted RQ-KMeans: ``codebooks[l]`` is level ``l``'s (K, d) centroids."""

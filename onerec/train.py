@@ -10,14 +10,14 @@ epoch, so a long run sees many of a user's cuts rather than the same few again.
 
 The lifelong pathway of a heavy user is compressed once, over the whole training history,
 and a sample at cut ``c`` keeps the representatives before ``c``; compressing per sample
-would cost ~0.5 s per 100k-event history. Evaluation and serving compress the exact
-history, so this shortcut only affects which past items training sees, never the test.
+would cost a k-means over the whole history for every sample. Evaluation and serving
+compress the exact history, so this shortcut only affects which past items training
+sees, never the test.
 
 With validation on, each user's second-to-last event is held out as well, and after every
 epoch the SID loss on those events decides which weights to keep: past its best epoch the
-model memorises the users' own items (on the synthetic set, doubling the 12-minute eval
-budget dropped validation Recall@10 from 0.070 to 0.048;
-keeping the best epoch, 5 of 10, held it at 0.067).
+model memorises the users' own items (docs/findings.md: a longer budget without it
+lowered validation recall).
 
 Each batch also carries, per sample, the item tokens of the ``short_len`` events before
 its cut and the one at it, for the model's ranking stage (its next-item loss). After the
@@ -43,31 +43,18 @@ import torch
 from tqdm import tqdm
 
 from onerec.data.schema import Dataset
-from onerec.lifelong import Compressed, compress_history
-from onerec.model import NextItemHead, OneRec, OneRecConfig
-from onerec.pathways import EventArrays, build_pathways, collate, windows
+from onerec.event_arrays import EventArrays, windows
+from onerec.model import NextItemHead, OneRec
+from onerec.runtime.config import OneRecConfig
+from onerec.runtime.lifelong import Compressed, compress_history
+from onerec.runtime.pathways import build_pathways, collate
+from onerec.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig:
-    epochs: int = 4
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 50
-    samples_per_user: int = 8
-    targets_per_sample: int = 8
-    max_minutes: float = 4.0
-    ranker_minutes: float = 0.5  # then the ranking stage alone (train_ranker)
-    threads: int = 2
-    seed: int = 0
-    keep_best: bool = True  # validate on each user's second-to-last event, keep the best epoch
-
-
-@dataclass
-class Catalog:
+class ItemTables:
     """Per-item tables the model needs, built from the data set and its SIDs."""
 
     vectors: np.ndarray  # (I, dv) frozen tokenizer embeddings
@@ -76,7 +63,7 @@ class Catalog:
     sids: np.ndarray  # (I, L)
 
     @classmethod
-    def build(cls, ds: Dataset, vectors: np.ndarray, sids: np.ndarray) -> Catalog:
+    def build(cls, ds: Dataset, vectors: np.ndarray, sids: np.ndarray) -> ItemTables:
         author = pd.factorize(ds.items["author_id"].astype(str))[0] + 1
         tag = pd.factorize(ds.items["tag"].astype(str))[0] + 1
         return cls(
@@ -96,22 +83,24 @@ class Catalog:
         return pad(self.vectors), pad(self.author), pad(self.tag), pad(self.sids)
 
 
-def model_config(ds: Dataset, catalog: Catalog, codebook_size: int, **sizes: int) -> OneRecConfig:
+def model_config(
+    ds: Dataset, item_tables: ItemTables, codebook_size: int, **sizes: int
+) -> OneRecConfig:
     static = ds.users[ds.static_feature_columns()]
     return OneRecConfig(
         n_items=ds.n_items,
         static_cardinalities=tuple(int(static[c].max()) + 1 for c in static.columns),
-        item_vector_dim=catalog.vectors.shape[1],
-        n_authors=int(catalog.author.max()),
-        n_tags=int(catalog.tag.max()),
-        sid_levels=catalog.sids.shape[1],
+        item_vector_dim=item_tables.vectors.shape[1],
+        n_authors=int(item_tables.author.max()),
+        n_tags=int(item_tables.tag.max()),
+        sid_levels=item_tables.sids.shape[1],
         codebook_size=codebook_size,
         **sizes,
     )
 
 
-def build_model(cfg: OneRecConfig, catalog: Catalog) -> OneRec:
-    return OneRec(cfg, *catalog.model_tables())
+def build_model(cfg: OneRecConfig, item_tables: ItemTables) -> OneRec:
+    return OneRec(cfg, *item_tables.model_tables())
 
 
 class SampleSource:
@@ -120,7 +109,7 @@ class SampleSource:
     def __init__(
         self,
         ds: Dataset,
-        catalog: Catalog,
+        item_tables: ItemTables,
         cfg: OneRecConfig,
         samples_per_user: int,
         seed: int,
@@ -128,7 +117,7 @@ class SampleSource:
         validation: bool = False,
     ) -> None:
         self.events = EventArrays.from_dataset(ds)
-        self.catalog, self.cfg = catalog, cfg
+        self.catalog, self.cfg = item_tables, cfg
         self.targets_per_sample = targets_per_sample
         # Each user's last event is the test item; with validation, the one before it is
         # never a training target either: its loss picks the epoch whose weights are kept.
@@ -141,9 +130,8 @@ class SampleSource:
     def draw(self, rng: np.random.Generator) -> None:
         """Draw up to ``samples_per_user`` distinct cuts per user (each epoch calls this).
 
-        With fixed cuts, a small data set (ml-latest-small: 610 users) replays the same
-        ~10k samples every epoch; fresh ones lowered the held-out SID NLL after 6 minutes
-        from 8.62 to 8.10 nats."""
+        With fixed cuts, a small data set replays the same few samples every epoch; fresh
+        ones lower the held-out SID loss (docs/findings.md)."""
         users, cuts = [], []
         lengths = np.diff(self.events.offsets)
         for u in np.flatnonzero(lengths >= 2 + self.held_out):  # per user, to draw its cuts
@@ -386,9 +374,7 @@ def train_ranker(
     before the budget ends) while a next-item model keeps improving for hundreds of
     epochs (SASRec's paper trains 200). So the head goes on by itself, on every training
     event per epoch, with dropout, and keeps the epoch with the lowest next-item loss on
-    the validation events. In make eval (4 minutes of it) OneRec's NDCG@10 on
-    ml-latest-small rose from 0.70x SASRec's to 0.99x (0.0506 against 0.0510); with the
-    head's side information two runs gave 0.0543 against 0.0543 and 0.0657 against 0.0503.
+    the validation events (what it moved on ml-latest-small is in docs/findings.md).
     """
     head = model.next_item
     torch.manual_seed(cfg.seed)

@@ -1,7 +1,7 @@
 """The front end's process: settings, start-up, health, and graceful shutdown.
 
-Start-up loads the model's config and catalog from the Triton model repository, the item
-table and item vectors from the build's artefacts, and opens the feature store. The gRPC
+Start-up loads from the Triton model repository the model's config, its items, the
+ranking stage's item table and the catalog, and opens the feature store. The gRPC
 server carries the Recommender service, ``grpc.health.v1`` and reflection, with optional
 TLS, an optional bearer token and message-size limits.
 
@@ -34,12 +34,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import pandas as pd
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from onerec.model import OneRecConfig
-from onerec.repository import ENCODER, catalog_dir
+from onerec.runtime.config import OneRecConfig
+from onerec.runtime.layout import ENCODER, ITEM_TABLE, MODEL_ITEMS, catalog_dir
+from onerec.runtime.model_items import ModelItems
 from onerec.v1 import recommender_pb2
 from server.catalog import CatalogReader
 from server.feature_store import StoreUnavailable, open_store
@@ -124,30 +124,29 @@ def model_name(repository: Path) -> str:
 
 
 def build_context(s: Settings, model: TritonModel, metrics: Metrics) -> Context:
-    cfg = OneRecConfig(**json.loads((s.repository / ENCODER / "1" / "model.json").read_text()))
-    items = pd.read_parquet(s.artifacts / "data" / "items.parquet")
-    item_ids = items["item_id"].astype(str).tolist()
-    item_index = {item: i for i, item in enumerate(item_ids)}
-    vectors = np.load(s.artifacts / "tokenizer" / "item_embeddings.npy")
-    if len(item_ids) != cfg.n_items or len(vectors) != cfg.n_items:
+    encoder = s.repository / ENCODER / "1"
+    cfg = OneRecConfig(**json.loads((encoder / "model.json").read_text()))
+    items = ModelItems.load(encoder / MODEL_ITEMS)
+    if len(items.item_ids) != cfg.n_items:
         raise ValueError(
-            f"{s.artifacts} has {len(item_ids)} items but the model in {s.repository} has "
-            f"{cfg.n_items}: they come from different builds"
+            f"{encoder}: {len(items.item_ids)} items but the model has {cfg.n_items}: "
+            "they come from different builds"
         )
-    table = np.load(s.repository / ENCODER / "1" / "item_table.npy")
+    table = np.load(encoder / ITEM_TABLE)
     if table.shape != (cfg.n_items + 2, cfg.d_model):
         raise ValueError(f"{s.repository}: item table {table.shape} does not fit the model")
     store = open_store(s.store())
+    item_index = items.index()
     return Context(
         cfg=cfg,
         store=store,
-        builder=PathwayBuilder(store, cfg, vectors),
+        builder=PathwayBuilder(store, cfg, items.vectors),
         catalog=CatalogReader(catalog_dir(s.repository), item_index, table),
         model=model,
         metrics=metrics,
         limits=s.limits,
         item_index=item_index,
-        durations=items["duration_ms"].to_numpy(np.int64),
+        durations=items.duration_ms,
         model_name=model_name(s.repository),
         max_inflight=s.max_inflight,
     )

@@ -7,10 +7,10 @@ pair a new trie with an old item table or the reverse. Within a version:
 * a SID's items come in collision-rank order (the tokenizer's rule: most popular first);
 * seen and excluded items are removed, by model index for the items the model knows and
   by id for the rest, all vectorised over the candidates;
-* the rest are ordered by the model's ranking stage (:func:`onerec.ranking.rank_candidates`):
-  an item's score is its SID's log-probability plus the user vector's dot product with
-  the item's row of the ranking stage's item table (an item the model never saw uses its
-  unknown-item row);
+* the rest are ordered by the model's ranking stage
+  (:func:`onerec.runtime.ranking.rank_candidates`): an item's score is its SID's
+  log-probability plus the user vector's dot product with the item's row of the ranking
+  stage's item table (an item the model never saw uses its unknown-item row);
 * a SID that maps to no item is counted as illegal (it must never happen: the trie and
   the table come from the same files).
 """
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from onerec import catalog
-from onerec.evaluate import SIDIndex
-from onerec.ranking import rank_candidates
+from onerec.runtime import catalog
+from onerec.runtime.ranking import rank_candidates
+from onerec.runtime.sid_index import SIDIndex
 
 log = logging.getLogger(__name__)
 

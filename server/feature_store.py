@@ -32,9 +32,7 @@ from typing import Protocol
 
 import numpy as np
 
-from onerec.data.schema import Dataset
-from onerec.engagement import engagement_score, is_positive
-from onerec.pathways import FLAG_COLUMNS, History
+from onerec.runtime.pathways import FLAG_COLUMNS, History
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -49,7 +47,7 @@ CREATE TABLE IF NOT EXISTS events (
   watch_ms INTEGER NOT NULL,
   duration_ms INTEGER NOT NULL,
   flags INTEGER NOT NULL,            -- bit i = FLAG_COLUMNS[i]
-  positive INTEGER NOT NULL          -- onerec.engagement.is_positive
+  positive INTEGER NOT NULL          -- onerec.runtime.engagement.is_positive
 );
 CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, ts);
 CREATE INDEX IF NOT EXISTS positives_by_user ON events (user_id, positive, ts);
@@ -66,7 +64,7 @@ CREATE TABLE IF NOT EXISTS versions (
 );
 """
 _COLUMNS = "item_idx, ts, watch_ms, duration_ms, flags"
-_BITS = 1 << np.arange(len(FLAG_COLUMNS))
+FLAG_BITS = 1 << np.arange(len(FLAG_COLUMNS))
 
 
 class StoreUnavailable(Exception):
@@ -133,7 +131,7 @@ class FeatureStore(Protocol):
 
 def _history(rows: list[tuple]) -> History:
     a = np.array(rows, dtype=np.int64).reshape(len(rows), 5)
-    flags = ((a[:, 4:5] & _BITS) > 0).astype(np.int8)
+    flags = ((a[:, 4:5] & FLAG_BITS) > 0).astype(np.int8)
     return History(a[:, 0], a[:, 1], a[:, 2], a[:, 3], flags)
 
 
@@ -228,7 +226,7 @@ class SQLiteFeatureStore:
                 e.item_idx,
                 e.watch_ms,
                 e.duration_ms,
-                int(np.dot(np.asarray(e.flags, np.int64), _BITS)),
+                int(np.dot(np.asarray(e.flags, np.int64), FLAG_BITS)),
                 int(e.positive),
             )
             for e in events
@@ -268,10 +266,14 @@ class SQLiteFeatureStore:
 
 
 @dataclass(frozen=True)
-class EventColumns:
-    """A data set's events as the stores keep them, in the log's row order."""
+class BulkRows:
+    """Every profile and event a store starts with (the build's data set), as arrays: what
+    a bulk load writes. Events are in the log's row order."""
 
-    user_id: np.ndarray  # str
+    static: np.ndarray  # (U, F) int64 profile codes
+    user_ids: list[str]  # (U,) the profiles' users
+    # events, in the log's order
+    event_user: np.ndarray  # str
     item_id: np.ndarray  # str
     item_idx: np.ndarray
     ts: np.ndarray
@@ -281,42 +283,25 @@ class EventColumns:
     positive: np.ndarray  # bool
 
 
-def dataset_rows(ds: Dataset) -> tuple[np.ndarray, list[str], EventColumns]:
-    """Profiles (one row per user), user ids, and every event: what a bulk load writes."""
-    static = ds.users[ds.static_feature_columns()].to_numpy(np.int64)
-    ev = ds.events
-    columns = EventColumns(
-        user_id=ev["user_id"].astype(str).to_numpy(),
-        item_id=ev["item_id"].astype(str).to_numpy(),
-        item_idx=ds.item_index().astype(np.int64),
-        ts=ev["timestamp"].to_numpy(np.int64),
-        watch_ms=ev["watch_ms"].to_numpy(np.int64),
-        duration_ms=ev["duration_ms"].to_numpy(np.int64),
-        flags=ev[list(FLAG_COLUMNS)].to_numpy(np.int64) @ _BITS,
-        positive=is_positive(engagement_score(ev)),
-    )
-    return static, ds.users["user_id"].astype(str).tolist(), columns
-
-
-def load_dataset(ds: Dataset, path: str | Path) -> SQLiteFeatureStore:
-    """A new store at ``path`` holding every user and event of ``ds`` (the build step)."""
+def write_sqlite(path: str | Path, rows: BulkRows) -> None:
+    """A new store at ``path`` holding ``rows``, built aside and renamed into place."""
     path = Path(path)
     tmp = path.with_suffix(".building")
     for stale in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
         stale.unlink(missing_ok=True)
     store = SQLiteFeatureStore(tmp)
     conn = store._conn()
-    static, user_ids, ev = dataset_rows(ds)
+    ev = rows
     conn.execute("PRAGMA synchronous=OFF")  # a half-built file is never renamed into place
     conn.execute("BEGIN")
     conn.executemany(
         "INSERT INTO users VALUES (?, ?)",
-        ((u, static[i].tobytes()) for i, u in enumerate(user_ids)),
+        ((u, rows.static[i].tobytes()) for i, u in enumerate(rows.user_ids)),
     )
     conn.executemany(
         "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         zip(
-            ev.user_id.tolist(),
+            ev.event_user.tolist(),
             ev.ts.tolist(),
             ev.item_id.tolist(),
             ev.item_idx.tolist(),
@@ -327,7 +312,7 @@ def load_dataset(ds: Dataset, path: str | Path) -> SQLiteFeatureStore:
             strict=True,
         ),
     )
-    users, counts = np.unique(ev.user_id, return_counts=True)
+    users, counts = np.unique(ev.event_user, return_counts=True)
     conn.executemany(
         "INSERT INTO versions VALUES (?, ?)", zip(users.tolist(), counts.tolist(), strict=True)
     )
@@ -335,7 +320,6 @@ def load_dataset(ds: Dataset, path: str | Path) -> SQLiteFeatureStore:
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     store.close()
     tmp.rename(path)
-    return SQLiteFeatureStore(path)
 
 
 def stored_users(spec: str | Path) -> int:
@@ -377,20 +361,21 @@ def open_store(spec: str | Path) -> FeatureStore:
     return SQLiteFeatureStore(spec)
 
 
-def load_store(ds: Dataset, spec: str | Path, progress: bool = False) -> None:
-    """Fill the store ``spec`` names with every user and event of ``ds``, replacing what it
-    held for them: a SQLite file is rebuilt aside and renamed into place; Redis is written
-    with pipelined bulk writes, each user's keys replaced."""
+def bulk_load(spec: str | Path, rows: BulkRows, progress=None) -> None:
+    """Fill the store ``spec`` names with ``rows``, replacing what it held for their users:
+    a SQLite file is rebuilt aside and renamed into place; Redis is written with pipelined
+    bulk writes, each user's keys replaced. ``progress`` wraps the users' iteration (a
+    progress bar) where given."""
     from server.redis_store import is_redis_url, load_redis
 
     if is_redis_url(str(spec)):
         store = open_store(spec)
         try:
-            load_redis(ds, store, progress)
+            load_redis(store, rows, progress)
         finally:
             store.close()
         return
     path = Path(spec)
     for stale in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):  # a stale WAL would be
         stale.unlink(missing_ok=True)  # replayed into the new file
-    load_dataset(ds, path).close()
+    write_sqlite(path, rows)

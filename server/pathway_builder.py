@@ -1,10 +1,10 @@
 """The four encoder pathways of a request, from the feature store, as the trainer builds them.
 
-:func:`onerec.pathways.build_pathways` works on a whole history in memory. A server must
+:func:`onerec.runtime.pathways.build_pathways` works on a whole history in memory. A server must
 not read 100,000 events per request, so this builds the same arrays from three cheap
 reads: the last ``short_len`` events, the last ``positive_len`` positive events, and the
 lifelong representatives, which are compressed with the trainer's function
-(:func:`onerec.lifelong.compress_history`) and cached per user; they are recomputed once
+(:func:`onerec.runtime.lifelong.compress_history`) and cached per user; they are recomputed once
 the user has logged more than 64 events or 1% of the history since (the new events are in
 the short-term pathway meanwhile), while the seen-item set is kept exact on every call.
 Inline events sent with the request join the short-term and positive
@@ -21,10 +21,10 @@ from dataclasses import dataclass, replace
 import faiss
 import numpy as np
 
-from onerec.engagement import is_positive
-from onerec.lifelong import compress_history
-from onerec.model import OneRecConfig
-from onerec.pathways import History, gap_bucket, watch_bucket, weight_bucket
+from onerec.runtime.config import OneRecConfig
+from onerec.runtime.engagement import is_positive
+from onerec.runtime.lifelong import compress_history
+from onerec.runtime.pathways import History, gap_bucket, watch_bucket, weight_bucket
 from server.feature_store import FeatureStore
 
 
@@ -98,7 +98,7 @@ class PathwayBuilder:
     ) -> None:
         self.store, self.cfg, self.vectors = store, cfg, item_vectors
         # Requests compress concurrently on worker threads: faiss's OpenMP team per call
-        # oversubscribes the cores (3,000 items took 2.9 s instead of 0.05 s under load).
+        # oversubscribes the cores (docs/findings.md).
         faiss.omp_set_num_threads(1)
         self.cache_bytes = cache_bytes
         self._bytes = 0

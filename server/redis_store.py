@@ -33,9 +33,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from onerec.data.schema import Dataset
-from onerec.pathways import History
-from server.feature_store import _BITS, EventColumns, EventRow, StoreUnavailable, dataset_rows
+from onerec.runtime.pathways import History
+from server.feature_store import FLAG_BITS, BulkRows, EventRow, StoreUnavailable
 
 PREFIX = "onerec"
 USERS = f"{PREFIX}:users"
@@ -95,12 +94,12 @@ def _decode(members: list[bytes]) -> History:
     n = len(members)
     if not n:
         z = np.zeros(0, np.int64)
-        return History(z, z, z, z, np.zeros((0, len(_BITS)), np.int8))
+        return History(z, z, z, z, np.zeros((0, len(FLAG_BITS)), np.int8))
     lengths = np.fromiter(map(len, members), np.int64, n)
     buf = np.frombuffer(b"".join(members), np.uint8)
     starts = np.concatenate([[0], np.cumsum(lengths[:-1])])
     rec = buf[starts[:, None] + np.arange(HEAD.itemsize)].view(HEAD)[:, 0]
-    flags = ((rec["flags"].astype(np.int64)[:, None] & _BITS) > 0).astype(np.int8)
+    flags = ((rec["flags"].astype(np.int64)[:, None] & FLAG_BITS) > 0).astype(np.int8)
     as64 = [rec[f].astype(np.int64) for f in ("item_idx", "ts", "watch_ms", "duration_ms")]
     return History(*as64, flags)
 
@@ -112,7 +111,7 @@ def _fields(rows: list[EventRow]) -> np.ndarray:
         a["ts"] = [r.timestamp_ms for r in rows]
         a["watch_ms"] = [r.watch_ms for r in rows]
         a["duration_ms"] = [r.duration_ms for r in rows]
-        a["flags"] = np.asarray([r.flags for r in rows], np.int64) @ _BITS
+        a["flags"] = np.asarray([r.flags for r in rows], np.int64) @ FLAG_BITS
         a["positive"] = [r.positive for r in rows]
     return a
 
@@ -235,26 +234,23 @@ class RedisFeatureStore:
         self.r.close()
 
 
-def load_redis(ds: Dataset, store: RedisFeatureStore, progress: bool = False) -> None:
-    """Write every user's profile and events of ``ds``, replacing what the store held for
-    them, with pipelined bulk writes (one round trip per batch of users)."""
-    from rich.progress import track
-
-    static, user_ids, ev = dataset_rows(ds)
-    order = np.argsort(ev.user_id, kind="stable")  # each user's events in log order
-    users, starts = np.unique(ev.user_id[order], return_index=True)
+def load_redis(store: RedisFeatureStore, rows: BulkRows, progress=None) -> None:
+    """Write ``rows``, replacing what the store held for their users, with pipelined bulk
+    writes (one round trip per batch of users)."""
+    order = np.argsort(rows.event_user, kind="stable")  # each user's events in log order
+    users, starts = np.unique(rows.event_user[order], return_index=True)
     events_of = dict(zip(users.tolist(), np.split(order, starts[1:]), strict=True))
     pipe = store.r.pipeline(transaction=False)
     queued = 0
-    for u, user in enumerate(track(user_ids, "loading Redis", disable=not progress)):
+    for u, user in enumerate((progress or iter)(rows.user_ids)):
         keys = [_key(user, k) for k in ("static", "n", "ev", "pos", "log", "ids")]
         pipe.delete(*keys)
-        pipe.set(keys[0], static[u].tobytes())
+        pipe.set(keys[0], rows.static[u].tobytes())
         pipe.sadd(USERS, user)
-        rows = events_of.get(user)
-        if rows is not None:
-            _queue_events(pipe, keys, ev, rows)
-            queued += len(rows)
+        events = events_of.get(user)
+        if events is not None:
+            _queue_events(pipe, keys, rows, events)
+            queued += len(events)
         queued += 1
         if queued >= 50_000:
             pipe.execute()
@@ -262,7 +258,7 @@ def load_redis(ds: Dataset, store: RedisFeatureStore, progress: bool = False) ->
     pipe.execute()
 
 
-def _queue_events(pipe, keys: list[str], ev: EventColumns, rows: np.ndarray) -> None:
+def _queue_events(pipe, keys: list[str], ev: BulkRows, rows: np.ndarray) -> None:
     """One user's events (``rows`` of ``ev``, in log order) as the append script writes them."""
     head = np.zeros(len(rows), HEAD)
     head["seq"] = np.arange(1, len(rows) + 1)

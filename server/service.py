@@ -9,7 +9,7 @@ Recommend, stage by stage (each timed into ``onerec_stage_latency_seconds``):
 5. triton: the ``onerec`` ensemble, bounded by the caller's remaining deadline;
 6. catalog: SIDs -> items with the decoder's own catalog version, seen and excluded
    items removed, ordered by SID log-probability plus the user vector's score (the
-   ranking stage, onerec.ranking), topped up from popularity if filtering left fewer than
+   ranking stage, onerec.runtime.ranking), topped up from popularity if filtering left fewer than
    ``count``.
 
 Fallbacks answer instead of failing: an unknown user gets popular items
@@ -34,9 +34,9 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from onerec.engagement import is_positive
-from onerec.model import OneRecConfig
-from onerec.pathways import request_flops
+from onerec.runtime.config import OneRecConfig
+from onerec.runtime.engagement import is_positive
+from onerec.runtime.pathways import request_flops
 from onerec.v1 import recommender_pb2 as pb
 from onerec.v1 import recommender_pb2_grpc as pb_grpc
 from server.catalog import CatalogReader, CatalogView

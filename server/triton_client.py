@@ -1,6 +1,6 @@
 """Triton's ``onerec`` ensemble from the client side: tensors, the probe, the aio client.
 
-One user's pathway arrays (:func:`onerec.pathways.build_pathways`) become the ensemble's
+One user's pathway arrays (:func:`onerec.runtime.pathways.build_pathways`) become the ensemble's
 inputs with a batch axis of one; Triton's dynamic batcher, not the client, forms batches.
 The front end talks to Triton through one :class:`TritonModel` (one shared aio channel),
 which passes the caller's remaining deadline on and turns Triton's failures into the two
@@ -19,8 +19,8 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
 from tritonclient.utils import InferenceServerException
 
-from onerec.export import PATHWAY_INPUTS
-from onerec.model import N_FLAGS, OneRecConfig
+from onerec.runtime.config import N_FLAGS, OneRecConfig
+from onerec.runtime.pathways import PATHWAY_INPUTS
 
 ENSEMBLE = "onerec"
 OUTPUTS = ("sids", "scores", "catalog_version", "user")
@@ -101,11 +101,11 @@ class TritonRejected(Exception):
 
 
 @dataclass(frozen=True)
-class Decoded:
+class ModelAnswer:
     sids: np.ndarray  # (C, L) in beam order, -1 rows past the last legal SID
     scores: np.ndarray  # (C,) each SID's summed log-probability
     catalog_version: int
-    user: np.ndarray  # (d,) the ranking stage's user vector (onerec.ranking)
+    user: np.ndarray  # (d,) the ranking stage's user vector (onerec.runtime.ranking)
 
 
 def channel_args() -> list[tuple[str, int | str]]:
@@ -138,7 +138,7 @@ class TritonModel:
         count: int,
         exclude_sids: np.ndarray | None,
         timeout_s: float,
-    ) -> Decoded:
+    ) -> ModelAnswer:
         """Decoded SIDs and the user vector for one user; the caller's remaining deadline
         bounds the call."""
         if timeout_s <= 0:
@@ -151,7 +151,7 @@ class TritonModel:
                 client_timeout=timeout_s,
                 timeout=int(timeout_s * 1e6),  # Triton drops it from its queue past this
             )
-            return Decoded(
+            return ModelAnswer(
                 result.as_numpy("sids")[0],
                 result.as_numpy("scores")[0],
                 int(result.as_numpy("catalog_version")[0, 0]),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onerec.pathways import FLAG_COLUMNS, History
+from onerec.runtime.pathways import FLAG_COLUMNS, History
 
 MAX_ID_LEN = 128
 MAX_BEAM_WIDTH = 512

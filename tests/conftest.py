@@ -84,28 +84,28 @@ def served(tmp_path_factory):
     import torch
 
     from onerec.cli import main
-    from onerec.experiment import load_catalog
-    from onerec.repository import write_model_repository
+    from onerec.experiment import load_item_tables
+    from onerec.feature_load import load_store
+    from onerec.repository import model_items, write_model_repository
     from onerec.semantic_ids import load_item_sids
     from onerec.train import build_model, model_config
-    from server.feature_store import load_dataset
     from server.triton_client import probe
     from server.triton_launcher import TritonPorts, TritonProcess
 
     root = tmp_path_factory.mktemp("triton")
     art = root / "art"
     assert main(["build", "--out", str(art), "--until", "tokenizer", *TINY_DATA]) == 0
-    ds, cat, _ = load_catalog(art)
+    ds, cat, _ = load_item_tables(art)
     cfg = model_config(ds, cat, 16, n_queries=8, **TINY_SIZES)
     torch.manual_seed(0)
     repo = root / "repo"
     model = build_model(cfg, cat).eval()
-    write_model_repository(model, load_item_sids(art / "tokenizer"), repo)
+    write_model_repository(model, load_item_sids(art / "tokenizer"), model_items(art), repo)
     (art / "model").mkdir()  # the same weights for in-process use (the bench's baseline)
     torch.save(
         {"model": model.state_dict(), "model_config": asdict(cfg)}, art / "model" / "checkpoint.pt"
     )
-    load_dataset(ds, art / "features.sqlite").close()
+    load_store(ds, art / "features.sqlite")
     triton = TritonProcess(repo, TritonPorts(*free_ports(3)), probe=lambda url: probe(url, cfg))
     with triton:
         yield triton, ds, cfg, repo, art

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from onerec.batching import (
+from onerec.export import export
+from onerec.model import OneRec
+from onerec.runtime.batching import (
     RequestError,
     check_decoder_request,
     check_encoder_request,
@@ -14,10 +16,9 @@ from onerec.batching import (
     encode_batch,
     run_valid,
 )
-from onerec.export import export
-from onerec.model import OneRec, OneRecConfig
-from onerec.onnx_model import OnnxDecoder, OnnxEncoder
-from onerec.trie import SIDTrie
+from onerec.runtime.config import OneRecConfig
+from onerec.runtime.onnx_runners import OnnxDecoder, OnnxEncoder
+from onerec.runtime.trie import SIDTrie
 from server.triton_client import empty_pathways
 
 CFG = OneRecConfig(

@@ -7,14 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onerec.beam_search import (
+from onerec.runtime.beam_search import (
     LOGP_FLOOR,
     BeamResult,
     StepFn,
     constrained_beam_search,
     exclude_leaves,
 )
-from onerec.trie import SIDTrie
+from onerec.runtime.trie import SIDTrie
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)

@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pandas as pd
 
-from onerec import catalog
 from onerec.cli import main
 from onerec.data.schema import Dataset
-from onerec.semantic_ids import load_item_sids, tokenize_new_items
+from onerec.runtime import catalog
+from onerec.semantic_ids import load_item_sids, sids_to_frame, tokenize_new_items
 from server.feature_store import stored_users
 
 TINY = ["--users", "60", "--items", "400", "--max-history", "1500", "--codebook-size", "16"]
@@ -29,7 +29,7 @@ def test_build_writes_data_and_semantic_ids(tmp_path, capsys) -> None:
     assert list(sids.item_ids) == ds.items["item_id"].tolist()
     assert sids.codes.shape == (400, 3) and sids.codes.max() < 16
     # Every full SID has exactly one primary item (collision rank 0).
-    frame = sids.to_frame()
+    frame = sids_to_frame(sids)
     primaries = frame[frame.collision_rank == 0]
     assert len(primaries) == len(frame.drop_duplicates(["sid_0", "sid_1", "sid_2"]))
     stats = json.loads((out / "tokenizer" / "tokenizer.json").read_text())
@@ -73,7 +73,7 @@ def test_item_sids_round_trip(tmp_path) -> None:
     frame.to_parquet(tmp_path / "item_sids.parquet")
     sids = load_item_sids(tmp_path)
     np.testing.assert_array_equal(sids.codes, [[1, 2, 3], [1, 2, 3]])
-    pd.testing.assert_frame_equal(sids.to_frame(), frame, check_dtype=False)
+    pd.testing.assert_frame_equal(sids_to_frame(sids), frame, check_dtype=False)
 
 
 def test_full_build_fills_a_model_repository(tmp_path) -> None:

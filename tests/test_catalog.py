@@ -7,9 +7,8 @@ from functools import partial
 
 import numpy as np
 
-from onerec import catalog
-from onerec.semantic_ids import ItemSIDs
-from onerec.tokenizer import collision_ranks
+from onerec.runtime import catalog
+from onerec.runtime.catalog import ItemSIDs, collision_ranks
 
 
 def _items(n: int = 40, k: int = 8) -> ItemSIDs:

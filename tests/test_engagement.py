@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onerec.engagement import engagement_score, is_positive, watch_ratio
+from onerec.runtime.engagement import engagement_score, is_positive, watch_ratio
 
 
 def _events(**cols: list[float]) -> dict[str, np.ndarray]:

@@ -8,18 +8,13 @@ import torch
 
 from onerec.data.synthetic import SyntheticConfig, generate
 from onerec.embeddings import item_embeddings
-from onerec.evaluate import (
-    RANK_WEIGHTS,
-    SIDIndex,
-    candidates,
-    fit_rank_weight,
-    onerec_ranks,
-    served_ranking,
-)
+from onerec.evaluate import RANK_WEIGHTS, candidates, fit_rank_weight, onerec_ranks, served_ranking
 from onerec.experiment import validation_split
 from onerec.metrics import leave_last_out, metrics_from_ranks
-from onerec.tokenizer import SemanticTokenizer, TokenizerConfig, collision_ranks
-from onerec.train import Catalog, build_model, model_config
+from onerec.runtime.catalog import collision_ranks
+from onerec.runtime.sid_index import SIDIndex
+from onerec.tokenizer import SemanticTokenizer, TokenizerConfig
+from onerec.train import ItemTables, build_model, model_config
 
 
 def test_expand_follows_collision_rank_and_pads() -> None:
@@ -36,21 +31,21 @@ def tiny():
     ds = generate(SyntheticConfig(n_users=30, n_items=120, max_history=300, min_history=10, seed=5))
     _, emb = item_embeddings(ds.item_content, ds.user_index(), ds.item_index(), 8, 8)
     _, codes, _ = SemanticTokenizer.fit(emb, TokenizerConfig(codebook_size=8), progress=False)
-    catalog = Catalog.build(ds, emb, codes)
+    item_tables = ItemTables.build(ds, emb, codes)
     sizes = {"d_model": 32, "n_heads": 2, "d_ff": 64, "d_expert": 32, "n_queries": 8}
-    cfg = model_config(ds, catalog, 8, lifelong_len=50, positive_len=32, **sizes)
+    cfg = model_config(ds, item_tables, 8, lifelong_len=50, positive_len=32, **sizes)
     torch.manual_seed(0)
-    model = build_model(cfg, catalog).eval()
+    model = build_model(cfg, item_tables).eval()
     pop = np.bincount(ds.item_index(), minlength=ds.n_items)
     index = SIDIndex.build(codes, collision_ranks(codes, pop), 8)
-    return ds, catalog, model, index
+    return ds, item_tables, model, index
 
 
 def test_random_weights_at_wide_beams_only_return_real_items(tiny) -> None:
-    ds, catalog, model, index = tiny
+    ds, item_tables, model, index = tiny
     split = leave_last_out(ds)
     rows = np.arange(6)
-    found = candidates(model, ds, catalog, index, split, rows, beam_width=512)
+    found = candidates(model, ds, item_tables, index, split, rows, beam_width=512)
     items = found.ranked(*served_ranking(model))
     real = items[items >= 0]
     assert real.size and real.max() < ds.n_items
@@ -62,9 +57,9 @@ def test_random_weights_at_wide_beams_only_return_real_items(tiny) -> None:
 
 
 def test_evaluate_gives_bounded_metrics(tiny) -> None:
-    ds, catalog, model, index = tiny
+    ds, item_tables, model, index = tiny
     split = leave_last_out(ds)
-    ranks = onerec_ranks(model, ds, catalog, index, split, beam_width=32, rows=np.arange(10))
+    ranks = onerec_ranks(model, ds, item_tables, index, split, beam_width=32, rows=np.arange(10))
     assert ranks.shape == (10,)
     metrics = metrics_from_ranks(ranks)
     assert set(metrics) == {"recall@10", "ndcg@10", "recall@50", "ndcg@50"}
@@ -73,9 +68,9 @@ def test_evaluate_gives_bounded_metrics(tiny) -> None:
 
 
 def test_ranking_weight_zero_keeps_the_beam_order_and_a_weight_reorders(tiny) -> None:
-    ds, catalog, model, index = tiny
+    ds, item_tables, model, index = tiny
     split = leave_last_out(ds)
-    found = candidates(model, ds, catalog, index, split, np.arange(4), beam_width=16)
+    found = candidates(model, ds, item_tables, index, split, np.arange(4), beam_width=16)
     table = model.next_item.served_table().numpy()
     np.testing.assert_array_equal(found.ranked(table, 0.0), found.items)
     reordered = found.ranked(100.0 * table, 1.0)  # the head's scores large enough to matter
@@ -86,14 +81,14 @@ def test_ranking_weight_zero_keeps_the_beam_order_and_a_weight_reorders(tiny) ->
 def test_rank_weight_is_fitted_on_the_validation_events_and_served(tiny) -> None:
     """The fit picks the weight with the best validation NDCG@10 and stores it where
     export reads it: the user vector's scale."""
-    ds, catalog, model, index = tiny
+    ds, item_tables, model, index = tiny
     split = validation_split(ds)
     assert (split.history_end == leave_last_out(ds).history_end - 1).all()
     short = torch.randint(1, ds.n_items + 1, (2, 5))
     with torch.no_grad():
         unit = model.user(short)
     try:
-        ndcg = fit_rank_weight(model, ds, catalog, index, split, beam_width=16)
+        ndcg = fit_rank_weight(model, ds, item_tables, index, split, beam_width=16)
         assert set(ndcg) == set(RANK_WEIGHTS)
         weight = float(model.next_item.rank_weight)
         assert ndcg[weight] == max(ndcg.values())

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from onerec.cli import main
-from onerec.experiment import load_catalog, load_model, target_checks
+from onerec.experiment import load_item_tables, load_model, target_checks
 from onerec.metrics import MISS
 
 TINY_DATA = ["--users", "40", "--items", "150", "--max-history", "300", "--codebook-size", "8"]
@@ -60,7 +60,7 @@ def test_build_train_eval_writes_the_report(tmp_path) -> None:
         for name in ("items", "vector", "author", "tag", "codes"):
             del weights[f"next_item.{name}.weight"]
     torch.save(state, checkpoint)
-    model = load_model(art, load_catalog(art)[1])
+    model = load_model(art, load_item_tables(art)[1])
     torch.testing.assert_close(model.next_item.served_table(), model.encoder.item.weight)
 
 

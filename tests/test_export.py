@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from onerec.beam_search import constrained_beam_search
-from onerec.export import PATHWAY_INPUTS, export, parity
-from onerec.model import N_FLAGS, OneRec, OneRecConfig
-from onerec.onnx_model import OnnxOneRec
-from onerec.trie import SIDTrie
+from onerec.export import export, parity
+from onerec.model import OneRec
+from onerec.runtime.beam_search import constrained_beam_search
+from onerec.runtime.config import N_FLAGS, OneRecConfig
+from onerec.runtime.onnx_runners import OnnxOneRec
+from onerec.runtime.pathways import PATHWAY_INPUTS
+from onerec.runtime.trie import SIDTrie
 
 CFG = OneRecConfig(
     n_items=400,

@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 
 from onerec.data.synthetic import SyntheticConfig, generate
-from onerec.engagement import is_positive
-from onerec.model import OneRecConfig
-from onerec.pathways import EventArrays, History, build_pathways
+from onerec.event_arrays import EventArrays
+from onerec.feature_load import load_store
+from onerec.runtime.config import OneRecConfig
+from onerec.runtime.engagement import is_positive
+from onerec.runtime.pathways import History, build_pathways
 from server.feature_store import (
     EventRow,
     SQLiteFeatureStore,
     StoreUnavailable,
-    load_store,
     stored_users,
 )
 from server.pathway_builder import PathwayBuilder

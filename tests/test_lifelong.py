@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onerec.lifelong import compress_history
+from onerec.runtime.lifelong import compress_history
 
 
 @settings(max_examples=25, deadline=None)

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from onerec.model import N_FLAGS, OneRec, OneRecConfig, flops_per_request
-from onerec.ranking import rank_candidates
+from onerec.model import OneRec
+from onerec.runtime.config import N_FLAGS, OneRecConfig, flops_per_request
+from onerec.runtime.ranking import rank_candidates
 
 
 def _model(cfg: OneRecConfig, seed: int = 0) -> OneRec:

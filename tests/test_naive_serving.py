@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from onerec.beam_search import constrained_beam_search
-from onerec.model import OneRec, OneRecConfig
+from onerec.model import OneRec
 from onerec.naive_serving import NaiveServing, prefix_table
-from onerec.trie import SIDTrie
+from onerec.runtime.beam_search import constrained_beam_search
+from onerec.runtime.config import OneRecConfig
+from onerec.runtime.trie import SIDTrie
 from server.triton_client import empty_pathways
 
 CFG = OneRecConfig(
@@ -41,9 +42,9 @@ def test_naive_beams_equal_the_vectorised_search() -> None:
         torch.zeros(n, dtype=torch.long),
         sids,
     ).eval()
-    catalog = sids[1:-1].numpy()
-    naive = NaiveServing(model, catalog)
-    trie = SIDTrie.from_codes(catalog, CFG.codebook_size)
+    item_tables = sids[1:-1].numpy()
+    naive = NaiveServing(model, item_tables)
+    trie = SIDTrie.from_codes(item_tables, CFG.codebook_size)
     pathways = empty_pathways(CFG)
     pathways["short_items"] = np.array([3, 9, 27])
     for key in ("short_gap", "short_watch"):

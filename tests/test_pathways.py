@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from onerec.data.synthetic import SyntheticConfig, generate
-from onerec.engagement import is_positive
-from onerec.model import OneRec, OneRecConfig
-from onerec.pathways import EventArrays, History, build_pathways, collate, gap_bucket
+from onerec.event_arrays import EventArrays
+from onerec.model import OneRec
+from onerec.runtime.config import OneRecConfig
+from onerec.runtime.engagement import is_positive
+from onerec.runtime.pathways import History, build_pathways, collate, gap_bucket
 
 CFG = OneRecConfig(
     n_items=300,

@@ -1,14 +1,13 @@
 """The ranking stage: decoded candidates ordered by SID log-probability plus the user
-vector's score (onerec.ranking), offline and in the front end's catalog step."""
+vector's score (onerec.runtime.ranking), offline and in the front end's catalog step."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from onerec import catalog
-from onerec.ranking import rank_candidates
-from onerec.semantic_ids import ItemSIDs
-from onerec.tokenizer import collision_ranks
+from onerec.runtime import catalog
+from onerec.runtime.catalog import ItemSIDs, collision_ranks
+from onerec.runtime.ranking import rank_candidates
 from server.catalog import CatalogReader
 
 

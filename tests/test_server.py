@@ -28,14 +28,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onerec import catalog
 from onerec.cli import main
-from onerec.experiment import load_catalog, load_model
-from onerec.pathways import EventArrays
-from onerec.repository import ENCODER, catalog_dir
+from onerec.event_arrays import EventArrays
+from onerec.experiment import load_item_tables, load_model
+from onerec.feature_load import load_store
+from onerec.runtime import catalog
+from onerec.runtime.layout import ENCODER, catalog_dir
 from onerec.v1 import recommender_pb2 as pb
 from onerec.v1 import recommender_pb2_grpc as pb_grpc
-from server.feature_store import SQLiteFeatureStore, load_store
+from server.feature_store import SQLiteFeatureStore
 from server.redis_store import RedisFeatureStore
 from server.triton_client import probe
 from server.triton_launcher import TritonPorts, TritonProcess
@@ -93,7 +94,7 @@ def test_item_scores_add_the_user_vectors_score_to_the_sids_log_probability(serv
     random weights the user's share of a score is small.)"""
     _, ds, cfg, repo, art = served
     _, stub = front
-    model = load_model(art, load_catalog(art)[1])
+    model = load_model(art, load_item_tables(art)[1])
     table = np.load(repo / ENCODER / "1" / "item_table.npy")
     index = {item: i for i, item in enumerate(ds.items["item_id"].astype(str))}
     events = EventArrays.from_dataset(ds)

@@ -9,12 +9,12 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from onerec.runtime.catalog import collision_ranks
 from onerec.tokenizer import (
     SemanticTokenizer,
     TokenizerConfig,
     balanced_assign,
     balanced_kmeans,
-    collision_ranks,
     collision_stats,
 )
 

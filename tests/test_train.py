@@ -11,7 +11,7 @@ from onerec.embeddings import item_embeddings
 from onerec.model import OneRec
 from onerec.tokenizer import SemanticTokenizer, TokenizerConfig
 from onerec.train import (
-    Catalog,
+    ItemTables,
     SampleSource,
     TrainConfig,
     _ranker_loss,
@@ -39,31 +39,31 @@ def setup():
     ds = generate(SyntheticConfig(n_users=60, n_items=200, max_history=400, min_history=10, seed=3))
     _, emb = item_embeddings(ds.item_content, ds.user_index(), ds.item_index(), 8, 8)
     _, codes, _ = SemanticTokenizer.fit(emb, TokenizerConfig(codebook_size=8), progress=False)
-    catalog = Catalog.build(ds, emb, codes)
-    cfg = model_config(ds, catalog, 8, **SIZES)
-    return ds, catalog, cfg
+    item_tables = ItemTables.build(ds, emb, codes)
+    cfg = model_config(ds, item_tables, 8, **SIZES)
+    return ds, item_tables, cfg
 
 
 def _run(setup, epochs: int, **kwargs):
-    ds, catalog, cfg = setup
+    ds, item_tables, cfg = setup
     torch.manual_seed(0)
-    model = build_model(cfg, catalog)
-    source = SampleSource(ds, catalog, cfg, samples_per_user=6, seed=0)
+    model = build_model(cfg, item_tables)
+    source = SampleSource(ds, item_tables, cfg, samples_per_user=6, seed=0)
     tc = TrainConfig(epochs=epochs, batch_size=32, warmup_steps=5, threads=1, max_minutes=5)
     return model, source, train(model, source, tc, progress=False, **kwargs)
 
 
 def test_samples_never_target_the_held_out_last_event(setup) -> None:
-    ds, catalog, cfg = setup
-    source = SampleSource(ds, catalog, cfg, samples_per_user=50, seed=0)
+    ds, item_tables, cfg = setup
+    source = SampleSource(ds, item_tables, cfg, samples_per_user=50, seed=0)
     lengths = np.diff(source.events.offsets)
     assert (source.cuts < lengths[source.users] - 1).all()
     assert (source.cuts >= 1).all()
 
 
 def test_each_epoch_draws_fresh_cuts_from_the_same_users(setup) -> None:
-    ds, catalog, cfg = setup
-    source = SampleSource(ds, catalog, cfg, samples_per_user=3, seed=0)
+    ds, item_tables, cfg = setup
+    source = SampleSource(ds, item_tables, cfg, samples_per_user=3, seed=0)
     users, cuts = source.users.copy(), source.cuts.copy()
     lengths = np.diff(source.events.offsets)
     source.batches(32, np.random.default_rng(1))  # the next epoch
@@ -75,24 +75,24 @@ def test_each_epoch_draws_fresh_cuts_from_the_same_users(setup) -> None:
 
 
 def test_multi_targets_are_the_next_items_and_stop_before_the_held_out_event(setup) -> None:
-    ds, catalog, cfg = setup
-    source = SampleSource(ds, catalog, cfg, samples_per_user=50, seed=0, targets_per_sample=4)
+    ds, item_tables, cfg = setup
+    source = SampleSource(ds, item_tables, cfg, samples_per_user=50, seed=0, targets_per_sample=4)
     idx = np.arange(len(source))
     _, targets, _ = source.batch(idx)
-    assert targets.shape == (len(source), 4, catalog.sids.shape[1])
+    assert targets.shape == (len(source), 4, item_tables.sids.shape[1])
     for i in idx:
         u, cut = int(source.users[i]), int(source.cuts[i])
         h = source.events.user(u)
         n = min(4, len(h) - 1 - cut)  # targets end before the held-out last event
-        np.testing.assert_array_equal(targets[i, :n], catalog.sids[h.items[cut : cut + n]])
+        np.testing.assert_array_equal(targets[i, :n], item_tables.sids[h.items[cut : cut + n]])
         assert (targets[i, n:] == -1).all()
 
 
 def test_next_item_windows_end_at_each_cut_with_the_first_target(setup) -> None:
     """Each window is the short-term pathway's items, oldest first, then the first target:
     the ranking stage trains on exactly what serving will hand it."""
-    ds, catalog, cfg = setup
-    source = SampleSource(ds, catalog, cfg, samples_per_user=50, seed=0)
+    ds, item_tables, cfg = setup
+    source = SampleSource(ds, item_tables, cfg, samples_per_user=50, seed=0)
     idx = np.arange(len(source))
     inputs, targets, recent = source.batch(idx)
     short = inputs["short_items"].numpy()
@@ -104,14 +104,14 @@ def test_next_item_windows_end_at_each_cut_with_the_first_target(setup) -> None:
         items = source.events.user(u).items[max(0, cut + 1 - width) : cut + 1] + 1
         np.testing.assert_array_equal(recent[i, width - len(items) :], items)
         assert (recent[i, : width - len(items)] == 0).all()  # left-padded
-    np.testing.assert_array_equal(catalog.sids[recent[:, -1] - 1], targets[:, 0])
+    np.testing.assert_array_equal(item_tables.sids[recent[:, -1] - 1], targets[:, 0])
 
 
 def test_ranker_windows_make_every_training_event_a_target_once(setup) -> None:
     """The ranking phase's epoch: each user's events after the first and before the held
     out ones are targets exactly once, in windows of consecutive events."""
-    ds, catalog, cfg = setup
-    source = SampleSource(ds, catalog, cfg, samples_per_user=1, seed=0, validation=True)
+    ds, item_tables, cfg = setup
+    source = SampleSource(ds, item_tables, cfg, samples_per_user=1, seed=0, validation=True)
     ev = source.events
     bounds = zip(ev.offsets[:-1], ev.offsets[1:], strict=True)
     expected = np.concatenate([ev.items[lo + 1 : hi - 2] + 1 for lo, hi in bounds])
@@ -130,10 +130,10 @@ def test_ranking_phase_trains_only_the_head_and_keeps_its_best_epoch(setup, monk
     """After training the served table starts as the encoder's; the ranking phase then
     trains the head alone and keeps the epoch with the lowest validation next-item loss
     (scripted here: this tiny synthetic set has no sequential signal to learn)."""
-    ds, catalog, cfg = setup
+    ds, item_tables, cfg = setup
     torch.manual_seed(0)
-    model = build_model(cfg, catalog)
-    source = SampleSource(ds, catalog, cfg, samples_per_user=6, seed=0, validation=True)
+    model = build_model(cfg, item_tables)
+    source = SampleSource(ds, item_tables, cfg, samples_per_user=6, seed=0, validation=True)
     tc = TrainConfig(epochs=1, batch_size=32, warmup_steps=5, threads=1, ranker_minutes=0.02)
     train(model, source, tc, progress=False)
     torch.testing.assert_close(model.next_item.items.weight, model.encoder.item.weight)
@@ -160,9 +160,9 @@ def test_ranking_phase_trains_only_the_head_and_keeps_its_best_epoch(setup, monk
 
 def test_ranker_validation_loss_is_the_same_in_chunks(setup) -> None:
     """Chunking bounds the logits' memory; each window counts once, whatever the chunk."""
-    ds, catalog, cfg = setup
-    source = SampleSource(ds, catalog, cfg, samples_per_user=1, seed=0, validation=True)
-    head = build_model(cfg, catalog).next_item
+    ds, item_tables, cfg = setup
+    source = SampleSource(ds, item_tables, cfg, samples_per_user=1, seed=0, validation=True)
+    head = build_model(cfg, item_tables).next_item
     validation = _ranker_validation(source)
     assert len(validation) % 7 != 0  # a ragged last chunk
     with torch.no_grad():
@@ -171,9 +171,9 @@ def test_ranker_validation_loss_is_the_same_in_chunks(setup) -> None:
 
 
 def test_validation_holds_out_each_users_second_to_last_event(setup) -> None:
-    ds, catalog, cfg = setup
+    ds, item_tables, cfg = setup
     source = SampleSource(
-        ds, catalog, cfg, samples_per_user=50, seed=0, targets_per_sample=4, validation=True
+        ds, item_tables, cfg, samples_per_user=50, seed=0, targets_per_sample=4, validation=True
     )
     lengths = np.diff(source.events.offsets)
     _, targets, _ = source.batch(np.arange(len(source)))
@@ -186,9 +186,9 @@ def test_validation_holds_out_each_users_second_to_last_event(setup) -> None:
     users = users[np.argsort(lengths[users], kind="stable")]  # batched shortest first
     batches = source.validation_batches(batch_size=16)
     got = np.concatenate([t.numpy() for _, t in batches])
-    assert got.shape == (len(users), 1, catalog.sids.shape[1])
+    assert got.shape == (len(users), 1, item_tables.sids.shape[1])
     items = source.events.items[source.events.offsets[users + 1] - 2]
-    np.testing.assert_array_equal(got[:, 0], catalog.sids[items])
+    np.testing.assert_array_equal(got[:, 0], item_tables.sids[items])
     inputs, _ = batches[0]  # the history ends right before the validation event
     np.testing.assert_array_equal(
         inputs["short_items"][:, 0].numpy(),
@@ -199,7 +199,7 @@ def test_validation_holds_out_each_users_second_to_last_event(setup) -> None:
 def test_training_keeps_the_epoch_with_the_lowest_validation_loss(
     setup, tmp_path, monkeypatch
 ) -> None:
-    ds, catalog, cfg = setup
+    ds, item_tables, cfg = setup
     seen: list[dict[str, torch.Tensor]] = []
     losses = iter([3.0, 1.0, 2.0])
 
@@ -210,8 +210,8 @@ def test_training_keeps_the_epoch_with_the_lowest_validation_loss(
 
     monkeypatch.setattr("onerec.train.validation_loss", scripted)
     torch.manual_seed(0)
-    model = build_model(cfg, catalog)
-    source = SampleSource(ds, catalog, cfg, samples_per_user=6, seed=0, validation=True)
+    model = build_model(cfg, item_tables)
+    source = SampleSource(ds, item_tables, cfg, samples_per_user=6, seed=0, validation=True)
     tc = TrainConfig(epochs=3, batch_size=32, warmup_steps=5, threads=1, max_minutes=5)
     ckpt = tmp_path / "ckpt.pt"
     result = train(model, source, tc, checkpoint=ckpt, progress=False)

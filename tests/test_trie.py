@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onerec.trie import SIDTrie
+from onerec.runtime.trie import SIDTrie
 
 
 def _random_codes(n: int, levels: int, k: int, seed: int) -> np.ndarray:

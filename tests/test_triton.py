@@ -22,11 +22,12 @@ import tritonclient.grpc as grpcclient
 from conftest import free_ports
 from tritonclient.utils import InferenceServerException
 
-from onerec import catalog
-from onerec.beam_search import constrained_beam_search, exclude_leaves
-from onerec.onnx_model import OnnxDecoder, OnnxEncoder
-from onerec.pathways import EventArrays, build_pathways, collate
-from onerec.repository import catalog_dir
+from onerec.event_arrays import EventArrays
+from onerec.runtime import catalog
+from onerec.runtime.beam_search import constrained_beam_search, exclude_leaves
+from onerec.runtime.layout import catalog_dir
+from onerec.runtime.onnx_runners import OnnxDecoder, OnnxEncoder
+from onerec.runtime.pathways import build_pathways, collate
 from server.triton_client import (
     ENSEMBLE,
     empty_pathways,

@@ -1,6 +1,6 @@
-"""Triton glue for the trie-constrained beam-search decoder (onerec.batching.decode_batch).
+"""Triton glue for the trie-constrained beam-search decoder (onerec.runtime.batching.decode_batch).
 
-The trie comes from the versioned catalog beside this model (onerec.catalog); a newly
+The trie comes from the versioned catalog beside this model (onerec.runtime.catalog); a newly
 published version is picked up between batches, and every answer says which version
 constrained it.
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from onerec.batching import RequestError, check_decoder_request, decode_batch, run_valid
-from onerec.catalog import TrieWatcher
-from onerec.onnx_model import OnnxDecoder
+from onerec.runtime.batching import RequestError, check_decoder_request, decode_batch, run_valid
+from onerec.runtime.catalog import TrieWatcher
+from onerec.runtime.onnx_runners import OnnxDecoder
 
 INPUTS = ("keep", "cross_kv", "beam_width", "count", "exclude_sids")
 

@@ -1,4 +1,5 @@
-"""Triton glue for the OneRec encoder; the batching logic is onerec.batching.encode_batch."""
+"""Triton glue for the OneRec encoder; the batching logic is
+onerec.runtime.batching.encode_batch."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from onerec.batching import RequestError, check_encoder_request, encode_batch, run_valid
-from onerec.export import PATHWAY_INPUTS
-from onerec.model import OneRecConfig
-from onerec.onnx_model import OnnxEncoder
+from onerec.runtime.batching import RequestError, check_encoder_request, encode_batch, run_valid
+from onerec.runtime.config import OneRecConfig
+from onerec.runtime.onnx_runners import OnnxEncoder
+from onerec.runtime.pathways import PATHWAY_INPUTS
 
 OUTPUTS = ("keep", "cross_kv", "user")  # encode_batch's order
 

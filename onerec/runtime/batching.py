@@ -19,12 +19,17 @@ from typing import TypeVar
 
 import numpy as np
 
-from onerec.beam_search import constrained_beam_search, exclude_leaves
-from onerec.export import PATHWAY_INPUTS
-from onerec.model import N_FLAGS, N_GAP_BUCKETS, N_WATCH_BUCKETS, N_WEIGHT_BUCKETS, OneRecConfig
-from onerec.onnx_model import OnnxDecoder, OnnxEncoder
-from onerec.pathways import collate
-from onerec.trie import SIDTrie
+from onerec.runtime.beam_search import constrained_beam_search, exclude_leaves
+from onerec.runtime.config import (
+    N_FLAGS,
+    N_GAP_BUCKETS,
+    N_WATCH_BUCKETS,
+    N_WEIGHT_BUCKETS,
+    OneRecConfig,
+)
+from onerec.runtime.onnx_runners import OnnxDecoder, OnnxEncoder
+from onerec.runtime.pathways import PATHWAY_INPUTS, collate
+from onerec.runtime.trie import SIDTrie
 
 MAX_BEAM_WIDTH = 512
 
@@ -127,7 +132,7 @@ def encode_batch(
 
 
 @dataclass(frozen=True)
-class Decoded:
+class DecodedRows:
     sids: np.ndarray  # (rows, C, L) best first; C is the request's largest count, and
     # rows past their own count or past the last legal SID are -1
     scores: np.ndarray  # (rows, C) float32, -inf where sids is -1
@@ -174,7 +179,7 @@ def _pad_to(a: np.ndarray, length: int, axis: int) -> np.ndarray:
 
 def decode_batch(
     decoder: OnnxDecoder, trie: SIDTrie, requests: Sequence[dict[str, np.ndarray]]
-) -> list[Decoded]:
+) -> list[DecodedRows]:
     """Valid requests -> their ranked SIDs: one beam search, one ONNX call per level.
 
     Rows are padded to the longest encoder output (masked by ``keep``) and searched at the
@@ -209,6 +214,6 @@ def decode_batch(
         sids, scores = result.sids[start:stop, :c].copy(), result.scores[start:stop, :c].copy()
         beyond = np.arange(c)[None, :] >= counts[start:stop, None]  # a row's own count
         sids[beyond], scores[beyond] = -1, -np.inf
-        out.append(Decoded(sids, scores))
+        out.append(DecodedRows(sids, scores))
         start = stop
     return out

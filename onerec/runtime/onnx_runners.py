@@ -2,7 +2,7 @@
 
 :class:`OnnxEncoder` runs ``encoder.onnx`` once per request batch; :class:`OnnxDecoder`
 runs the decoder graph of the prefix's level and is shaped to be the ``step_fn`` of
-:func:`onerec.beam_search.constrained_beam_search`, so the search is the same code
+:func:`onerec.runtime.beam_search.constrained_beam_search`, so the search is the same code
 offline and online. The Triton encoder and decoder models each load only their half.
 CUDA is asked for only when ONNX Runtime reports it available.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from onerec.export import PATHWAY_INPUTS
+from onerec.runtime.pathways import PATHWAY_INPUTS
 
 
 def _providers() -> list[str]:
@@ -45,7 +45,7 @@ class OnnxEncoder:
     def encode(
         self, pathways: dict[str, np.ndarray]
     ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        """Pathway arrays (as :func:`onerec.pathways.collate` makes them) -> keep (B, T),
+        """Pathway arrays (as :func:`onerec.runtime.pathways.collate` makes them) -> keep (B, T),
         K/V, user (B, d)."""
         keep, *kv, user = self.session.run(None, {n: pathways[n] for n in PATHWAY_INPUTS})
         return keep, kv, user

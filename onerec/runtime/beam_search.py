@@ -1,7 +1,7 @@
 """Trie-constrained beam search over semantic IDs, in numpy for reuse in a Triton backend.
 
 The decoder emits a SID one level at a time. At every level each live beam may only take
-a code that the :class:`~onerec.trie.SIDTrie` allows after its prefix: illegal codes are set
+a code that the :class:`~onerec.runtime.trie.SIDTrie` allows after its prefix: illegal codes are set
 to -inf *before* the top-k, so whatever the model's scores and at any beam width, every
 returned SID is one that a real item carries.
 
@@ -38,7 +38,7 @@ from typing import Protocol
 
 import numpy as np
 
-from onerec.trie import SIDTrie
+from onerec.runtime.trie import SIDTrie
 
 LOGP_FLOOR = -1e30  # finite, and hundreds of levels of it still sum to a finite float32
 

@@ -5,8 +5,8 @@ For a user and a request time ``now``:
 * **static** -- the user's profile codes;
 * **short-term** -- the last ``short_len`` events, most recent first;
 * **positive-feedback** -- the last ``positive_len`` events whose engagement score is
-  positive (:mod:`onerec.engagement`), most recent first;
-* **lifelong** -- every event, compressed by :func:`onerec.lifelong.compress_history` to
+  positive (:mod:`onerec.runtime.engagement`), most recent first;
+* **lifelong** -- every event, compressed by :func:`onerec.runtime.lifelong.compress_history` to
   at most ``lifelong_len`` representatives (time order), each with its cluster weight.
 
 Each event token carries its item (``item index + 1``; 0 is padding), a time-gap bucket
@@ -21,18 +21,32 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onerec.data.schema import Dataset
-from onerec.engagement import engagement_score, is_positive, watch_ratio
-from onerec.lifelong import Compressed, compress_history
-from onerec.model import (
+from onerec.runtime.config import (
     N_GAP_BUCKETS,
     N_WATCH_BUCKETS,
     N_WEIGHT_BUCKETS,
     OneRecConfig,
     flops_per_request,
 )
+from onerec.runtime.engagement import engagement_score, is_positive, watch_ratio
+from onerec.runtime.lifelong import Compressed, compress_history
 
 FLAG_COLUMNS = ("click", "like", "follow", "comment", "forward", "hate")
+# The encoder's inputs, in the order of encoder.onnx and of the ensemble's request.
+PATHWAY_INPUTS = (
+    "static",
+    "short_items",
+    "short_gap",
+    "short_watch",
+    "short_flags",
+    "pos_items",
+    "pos_gap",
+    "pos_watch",
+    "pos_flags",
+    "life_items",
+    "life_gap",
+    "life_weight",
+)
 
 
 @dataclass
@@ -123,15 +137,8 @@ def build_pathways(
     }
 
 
-def windows(items: np.ndarray, start: np.ndarray, end: np.ndarray, length: int) -> np.ndarray:
-    """Tokens of ``items[max(start, end - length):end]`` for each row, left-padded: (B, length)."""
-    pos = end[:, None] - length + np.arange(length)  # (B, length) event indices
-    valid = pos >= start[:, None]
-    return np.where(valid, items[np.clip(pos, 0, None)] + 1, 0).astype(np.int64)
-
-
 def request_flops(cfg: OneRecConfig, beam_width: int, pathways: dict[str, np.ndarray]) -> int:
-    """:func:`onerec.model.flops_per_request` at this request's own pathway lengths: the
+    """:func:`onerec.runtime.config.flops_per_request` at this request's own pathway lengths: the
     one definition the server's MFU and the benchmark's both use."""
     return flops_per_request(
         cfg,
@@ -160,38 +167,3 @@ def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
             batch[i, : len(a)] = a
         out[name] = batch
     return out
-
-
-@dataclass
-class EventArrays:
-    """A data set's events as flat arrays with per-user offsets, for cheap ``History`` slices."""
-
-    items: np.ndarray
-    timestamp: np.ndarray
-    watch_ms: np.ndarray
-    duration_ms: np.ndarray
-    flags: np.ndarray
-    offsets: np.ndarray  # (U + 1,): user u's events are rows offsets[u]:offsets[u + 1]
-
-    @classmethod
-    def from_dataset(cls, ds: Dataset) -> EventArrays:
-        ev = ds.events
-        users = ds.user_index()
-        return cls(
-            items=ds.item_index(),
-            timestamp=ev["timestamp"].to_numpy(np.int64),
-            watch_ms=ev["watch_ms"].to_numpy(np.int64),
-            duration_ms=ev["duration_ms"].to_numpy(np.int64),
-            flags=ev[list(FLAG_COLUMNS)].to_numpy(np.int8),
-            offsets=np.searchsorted(users, np.arange(ds.n_users + 1)),
-        )
-
-    def user(self, u: int) -> History:
-        lo, hi = self.offsets[u], self.offsets[u + 1]
-        return History(
-            self.items[lo:hi],
-            self.timestamp[lo:hi],
-            self.watch_ms[lo:hi],
-            self.duration_ms[lo:hi],
-            self.flags[lo:hi],
-        )

@@ -5,7 +5,7 @@ A catalog directory holds immutable versions and a pointer to the live one::
     catalog/
       CURRENT            "7\\n": the live version, replaced atomically (os.replace)
       v000007/
-        items.parquet    item_id, sid_0.., collision_rank, popularity
+        items.npz        item_ids, codes (N, L), collision_rank, popularity
         trie.npz         the SIDTrie of those items' SIDs
 
 :func:`publish` writes a complete version directory first and flips ``CURRENT`` last, so
@@ -30,14 +30,50 @@ from pathlib import Path
 
 import numpy as np
 
-from onerec.semantic_ids import ItemSIDs
-from onerec.tokenizer import collision_ranks
-from onerec.trie import SIDTrie
+from onerec.runtime.trie import SIDTrie
 
 log = logging.getLogger(__name__)
 
 CURRENT = "CURRENT"
 KEEP_VERSIONS = 5  # older versions are deleted on publish; readers hold theirs in memory
+
+
+@dataclass(frozen=True)
+class ItemSIDs:
+    """Every item's SID and its rank among the items that share it."""
+
+    item_ids: np.ndarray  # (N,) str
+    codes: np.ndarray  # (N, L) int
+    collision_rank: np.ndarray  # (N,) int, 0 = the SID's primary item
+    popularity: np.ndarray  # (N,) interaction count
+
+    def save(self, path: Path) -> None:
+        np.savez(
+            path,
+            item_ids=self.item_ids.astype(str),
+            codes=self.codes.astype(np.int64),
+            collision_rank=self.collision_rank.astype(np.int64),
+            popularity=self.popularity.astype(np.int64),
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> ItemSIDs:
+        with np.load(path, allow_pickle=False) as z:
+            return cls(z["item_ids"], z["codes"], z["collision_rank"], z["popularity"])
+
+
+def collision_ranks(codes: np.ndarray, popularity: np.ndarray) -> np.ndarray:
+    """Rank of each item inside its full SID: 0 for the most popular, ties by catalog order.
+    The rule that decides which of several items sharing a SID is recommended first."""
+    n = len(codes)
+    _, group = np.unique(codes, axis=0, return_inverse=True)
+    group = group.ravel()
+    order = np.lexsort((np.arange(n), -np.asarray(popularity, np.float64), group))
+    g = group[order]
+    start = np.searchsorted(g, g, side="left")
+    ranks = np.empty(n, np.int64)
+    ranks[order] = np.arange(n) - start
+    return ranks
 
 
 def _version_dir(directory: Path, version: int) -> Path:
@@ -62,13 +98,12 @@ def current_version(directory: str | Path) -> int:
 
 def load(directory: str | Path, version: int | None = None) -> CatalogVersion:
     """One published version (the live one by default)."""
-    import pandas as pd
-
     directory = Path(directory)
     version = current_version(directory) if version is None else version
     vdir = _version_dir(directory, version)
-    items = ItemSIDs.from_frame(pd.read_parquet(vdir / "items.parquet"))
-    return CatalogVersion(version, items, SIDTrie.load(vdir / "trie.npz"))
+    return CatalogVersion(
+        version, ItemSIDs.load(vdir / "items.npz"), SIDTrie.load(vdir / "trie.npz")
+    )
 
 
 @contextmanager
@@ -109,7 +144,7 @@ def _publish(directory: Path, items: ItemSIDs, codebook_size: int) -> int:
         version = 1
     staging = Path(tempfile.mkdtemp(dir=directory, prefix=".staging-"))
     try:
-        items.to_frame().to_parquet(staging / "items.parquet", index=False)
+        items.save(staging / "items.npz")
         SIDTrie.from_codes(items.codes, codebook_size).save(staging / "trie.npz")
         staging.rename(_version_dir(directory, version))
     except BaseException:
@@ -159,7 +194,6 @@ class TrieWatcher:
         self.directory = Path(directory)
         self._stamp: tuple[int, int] | None = None
         self.version = current_version(self.directory)
-        # Only the trie: the python backend stub's interpreter cannot import pyarrow.
         self.trie = SIDTrie.load(_version_dir(self.directory, self.version) / "trie.npz")
         self._stamp = self._stat()
 

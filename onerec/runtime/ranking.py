@@ -6,11 +6,9 @@ of them too: the dot product of the user vector with the item's row of the head'
 a logit of its softmax over all items. An item's score is the SID's log-probability plus
 a weight times that logit: at weight 1, a product of the two models' probabilities (the
 head's normaliser is the same for every item of a user, so it does not change the order).
-How much the head should count depends on the data: on ml-latest-small, with each user's
-last 5 events held out, NDCG@10 was 0.037 in beam order, 0.054 by the head alone, 0.057
-at weight 1 and 0.057 at 2; on the synthetic set, whose next items follow long-term taste
-rather than order, every weight above 0 lowered Recall@10 (0.068 at 0, 0.049 at 1). So
-the weight is fitted per model on validation events
+How much the head should count depends on the data (on a set whose next items follow
+long-term taste rather than order, any weight can hurt; docs/findings.md has the
+measurements). So the weight is fitted per model on validation events
 (:func:`onerec.evaluate.fit_rank_weight`) and served as the user vector's length: this
 function takes vectors already scaled.
 

@@ -1,0 +1,146 @@
+"""``onerec build``: the offline pipeline, stage by stage, each reused when present.
+
+data set -> item embeddings and semantic IDs -> trained model -> Triton model repository
+(ONNX, the model's items, the catalog) -> the feature store's initial contents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from onerec.cli.common import (
+    STORE_HELP,
+    add_budget_knobs,
+    add_synthetic_knobs,
+    add_tokenizer_knobs,
+    console,
+    losses_text,
+    print_dataset,
+    print_kept_epoch,
+    print_parity,
+    print_tokenizer,
+    synthetic_config,
+    tokenizer_config,
+)
+from onerec.data.schema import Dataset
+from onerec.runtime.layout import DECODER, ENCODER, TEMPLATE
+from onerec.train_config import TrainConfig
+
+STAGES = ("data", "tokenizer", "model", "repository")
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    """The offline pipeline: data set -> embeddings -> semantic IDs -> trained model ->
+    Triton model repository. Each stage reuses what an earlier run left (``--force``
+    redoes them); ``--until`` stops early."""
+    from onerec.semantic_ids import tokenize_dataset
+
+    out = Path(
+        args.out
+        or f"artifacts/{'synthetic' if args.source == 'synthetic' else Path(args.source).name}"
+    )
+    started = time.perf_counter()
+    ds = _load_or_make(args.source, out / "data", args)
+    print_dataset(ds)
+    tok_dir = out / "tokenizer"
+    if (tok_dir / "tokenizer.json").is_file() and not args.force:
+        stats = json.loads((tok_dir / "tokenizer.json").read_text())
+        console.print(f"reusing tokenizer in {tok_dir} (--force rebuilds)")
+    else:
+        stats = tokenize_dataset(ds, tok_dir, tokenizer_config(args))
+    print_tokenizer(stats)
+    if STAGES.index(args.until) >= STAGES.index("model"):
+        _build_model(out, args)
+    console.print(
+        f"[bold]build done[/] in {time.perf_counter() - started:.1f}s: artefacts in {out}"
+    )
+    return 0
+
+
+def _load_or_make(source: str, data_dir: Path, args: argparse.Namespace) -> Dataset:
+    from onerec.data.loaders import load_source
+    from onerec.data.synthetic import generate
+
+    if (data_dir / "meta.json").is_file() and not args.force:
+        console.print(f"reusing data set in {data_dir} (--force rebuilds)")
+        return Dataset.load(data_dir)
+    started = time.perf_counter()
+    ds = (
+        generate(synthetic_config(args), progress=True)
+        if source == "synthetic"
+        else load_source(source)
+    )
+    ds.save(data_dir)
+    console.print(f"built data set {ds.name} in {time.perf_counter() - started:.1f}s -> {data_dir}")
+    return ds
+
+
+def _build_model(out: Path, args: argparse.Namespace) -> None:
+    from onerec.experiment import load_item_tables, load_model, train_artifacts
+    from onerec.repository import model_items, write_model_repository
+    from onerec.runtime.onnx_runners import OnnxOneRec
+    from onerec.semantic_ids import load_item_sids
+
+    checkpoint = out / "model" / "checkpoint.pt"
+    if checkpoint.is_file() and not args.force:
+        console.print(f"reusing model in {checkpoint} (--force retrains)")
+    else:
+        cfg = TrainConfig(max_minutes=args.minutes, ranker_minutes=args.ranker_minutes)
+        result = train_artifacts(out, cfg, {})
+        console.print(
+            f"trained {result['parameters']:,} parameters: {losses_text(result)} "
+            f"in {result['seconds']:.0f}s"
+        )
+        print_kept_epoch(result)
+    if args.until != "repository":
+        return
+    _, item_tables, catalog_index = load_item_tables(out)
+    model = load_model(out, item_tables)
+    version = write_model_repository(
+        model,
+        load_item_sids(out / "tokenizer"),
+        model_items(out),
+        args.repository,
+        args.encoder_instances,
+        args.decoder_instances,
+    )
+    console.print(f"model repository {args.repository}: ONNX written, catalog v{version} live")
+    repo = Path(args.repository)
+    onnx = OnnxOneRec(repo / ENCODER / "1", decoder_directory=repo / DECODER / "1")
+    print_parity(model, onnx, out, catalog_index.trie)
+    load_features(out, args.feature_store or str(out / "features.sqlite"), args.force)
+
+
+def load_features(artifacts: Path, store: str, force: bool) -> None:
+    """The initial feature store from the build's data set, unless it holds users."""
+    from onerec.feature_load import load_store
+    from server.feature_store import stored_users
+    from server.redis_store import redact
+
+    where = redact(store)
+    if stored_users(store) and not force:
+        console.print(f"reusing feature store {where} (--force replaces its users)")
+        return
+    started = time.perf_counter()
+    load_store(Dataset.load(artifacts / "data"), store, progress=console.is_terminal)
+    console.print(f"feature store {where} in {time.perf_counter() - started:.1f}s")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """``onerec build``."""
+    p = sub.add_parser("build", help="build the served artefacts from a data set")
+    p.add_argument("--source", default="synthetic", help="'synthetic' or a path a loader reads")
+    p.add_argument("--out", help="artefact directory (default artifacts/<name>)")
+    p.add_argument("--force", action="store_true", help="rebuild even if artefacts exist")
+    p.add_argument("--until", choices=STAGES, default="repository", help="last stage to build")
+    p.add_argument("--repository", default=str(TEMPLATE), help="Triton model repository")
+    add_budget_knobs(p, TrainConfig())
+    p.add_argument("--encoder-instances", type=int, default=1)
+    p.add_argument("--decoder-instances", type=int, default=1)
+    p.add_argument("--feature-store", help=STORE_HELP)
+    add_synthetic_knobs(p)
+    add_tokenizer_knobs(p)
+    p.set_defaults(func=cmd_build)

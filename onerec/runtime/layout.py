@@ -1,0 +1,18 @@
+"""Where the model repository keeps each Triton model and the catalog: the names the
+offline writer (``onerec.repository``), the Triton models and the front end share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# The tracked repository in a source checkout: configs and model.py files, the default
+# destination of a build.
+TEMPLATE = Path(__file__).resolve().parents[2] / "model_repository"
+ENCODER, DECODER, ENSEMBLE = "onerec_encoder", "onerec_decoder", "onerec"
+CATALOG = "catalog"
+MODEL_ITEMS = "items.npz"  # beside encoder.onnx: onerec.runtime.model_items.ModelItems
+ITEM_TABLE = "item_table.npy"  # beside encoder.onnx: the ranking stage's item rows
+
+
+def catalog_dir(repository: str | Path) -> Path:
+    return Path(repository) / DECODER / CATALOG
