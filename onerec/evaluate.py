@@ -19,7 +19,7 @@ import torch
 from onerec.data.schema import Dataset
 from onerec.event_arrays import EventArrays
 from onerec.metrics import Split, filter_topk_seen, metrics_from_ranks, topk_ranks
-from onerec.model import OneRec
+from onerec.model import OneRec, TorchSearch
 from onerec.runtime.beam_search import constrained_beam_search
 from onerec.runtime.lifelong import compress_history
 from onerec.runtime.pathways import build_pathways, collate
@@ -73,10 +73,8 @@ def candidates(
     memory, keep = model.encoder(**inputs)
     kv = model.decoder.cross_kv(memory)
 
-    def step(tokens: np.ndarray) -> np.ndarray:
-        return model.decoder.step(torch.from_numpy(tokens), kv, keep).numpy()
-
-    result = constrained_beam_search(step, len(rows), beam_width, index.trie)
+    search = TorchSearch(model.decoder, keep, kv)
+    result = constrained_beam_search(search, len(rows), beam_width, index.trie)
     leaves = np.where(
         result.valid,
         index.trie.leaf_of(result.sids.reshape(-1, cfg.sid_levels)).reshape(result.valid.shape),

@@ -24,11 +24,13 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from onerec.runtime.config import (
+    DENSE_MOE_LEVELS,
     N_FLAGS,
     N_GAP_BUCKETS,
     N_WATCH_BUCKETS,
@@ -117,7 +119,10 @@ class MoE(nn.Module):
         self.register_buffer("bias", torch.zeros(cfg.n_experts))
         self.register_buffer("load", torch.zeros(cfg.n_experts))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        """``dense`` runs every expert on every token, weighted by its gate (0 where it was
+        not chosen): the same result without the gather/scatter dispatch, which costs more
+        than the experts when there are few tokens (see DENSE_MOE_LEVELS)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, d)
         scores = torch.sigmoid(self.router(x))  # (N, E)
@@ -126,6 +131,10 @@ class MoE(nn.Module):
         gates = gates / gates.sum(-1, keepdim=True)
         if self.training:
             self.load += torch.bincount(chosen.flatten(), minlength=len(self.experts)).float()
+        if dense:
+            picked = chosen[..., None] == torch.arange(len(self.experts), device=x.device)
+            weight = (picked * gates[..., None]).sum(1)  # (N, E)
+            return sum(weight[:, e, None] * ex(x) for e, ex in enumerate(self.experts)).view(shape)
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):  # a loop over E experts, not over tokens
             rows, slot = torch.nonzero(chosen == e, as_tuple=True)
@@ -310,6 +319,29 @@ class DecoderLayer(nn.Module):
         x = x + self.cross(self.ln2(x).view(b, w * t, d), cross_kv, mask).view(b, w, t, d)
         return x + self.moe(self.ln3(x))
 
+    def step(
+        self,
+        x: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+        cross_kv: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        dense_moe: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One new position per beam, x (B, W, 1, d), attending to its beam's cached
+        self-attention K/V (B, W, h, t, dh): returns x and the K/V with the new position
+        appended (B, W, h, t + 1, dh). The same maths as :meth:`forward` at the last
+        position, without recomputing the earlier ones."""
+        b, w, _, d = x.shape
+        h = self.ln1(x).view(b * w, 1, d)
+        k, v = self.self_attn.keys_values(h)  # (B*W, h, 1, dh)
+        if past is not None:
+            k = torch.cat([past[0].flatten(0, 1), k], dim=2)  # (B*W, h, t+1, dh)
+            v = torch.cat([past[1].flatten(0, 1), v], dim=2)
+        x = x + self.self_attn(h, (k, v)).view(b, w, 1, d)
+        x = x + self.cross(self.ln2(x).view(b, w, d), cross_kv, mask).view(b, w, 1, d)
+        x = x + self.moe(self.ln3(x), dense=dense_moe)
+        return x, k.unflatten(0, (b, w)), v.unflatten(0, (b, w))
+
 
 class SIDDecoder(nn.Module):
     """Generates SID levels from BOS; cross-attention K/V are computed once per user."""
@@ -367,6 +399,34 @@ class SIDDecoder(nn.Module):
             tokens = tokens[:, :1]
         h = self.hidden(tokens, cross_kv, keep)[:, :, -1]  # (B, W or 1, d)
         return F.log_softmax(self.heads[t](h), dim=-1).expand(b, w, -1)
+
+    def cached_step(
+        self,
+        code: torch.Tensor | None,
+        past: list[tuple[torch.Tensor, torch.Tensor]],
+        cross_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        keep: torch.Tensor,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """What serving runs per level: :meth:`step` with a KV cache.
+
+        Level t reads only the code each beam chose at level t - 1, ``code`` (B, W) (None
+        at level 0, where all beams share BOS and one row is computed), and every layer's
+        self-attention K/V of positions 0..t-1, ``past`` (B, W, h, t, dh) each, already
+        gathered to the beams' parents. Returns the log-probabilities (B, W, K) and the
+        K/V of positions 0..t for the next level.
+        """
+        t = 0 if code is None else past[0][0].shape[3]
+        if code is None:
+            x = (self.bos + self.pos.weight[0]).expand(keep.shape[0], 1, 1, -1)
+        else:
+            x = (self.codes[t - 1](code) + self.pos.weight[t])[:, :, None]  # (B, W, 1, d)
+        mask = keep[:, None, None, :]
+        present = []
+        for i, (layer, kv) in enumerate(zip(self.layers, cross_kv, strict=True)):
+            x, k, v = layer.step(x, past[i] if past else None, kv, mask, t in DENSE_MOE_LEVELS)
+            present.append((k, v))
+        logp = F.log_softmax(self.heads[t](self.ln(x)[:, :, 0]), dim=-1)  # (B, W, K)
+        return logp, present
 
 
 class NextItemHead(nn.Module):
@@ -554,3 +614,27 @@ class OneRec(nn.Module):
 
     def moe_layers(self) -> list[MoE]:
         return [layer.moe for layer in self.decoder.layers]
+
+
+class TorchSearch:
+    """The torch twin of :class:`onerec.runtime.onnx_runners.DecoderSearch`: a beam
+    search's ``step_fn`` that runs :meth:`SIDDecoder.cached_step`, each beam's cache
+    gathered from its parent, for offline decoding and the export's parity check."""
+
+    def __init__(
+        self, decoder: SIDDecoder, keep: torch.Tensor, cross_kv: list[tuple[torch.Tensor, ...]]
+    ) -> None:
+        self.decoder, self.keep, self.cross_kv = decoder, keep, cross_kv
+        self.present: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @torch.no_grad()
+    def __call__(self, tokens, parents):  # (B, W, t) int64 ndarray, (B, W) or None
+        b, w, t = tokens.shape
+        code, past = None, []
+        if t:
+            rows = torch.arange(b)[:, None]
+            at = torch.from_numpy(parents)
+            code = torch.from_numpy(np.ascontiguousarray(tokens[:, :, -1]))
+            past = [(k[rows, at], v[rows, at]) for k, v in self.present]
+        logp, self.present = self.decoder.cached_step(code, past, self.cross_kv, self.keep)
+        return logp.expand(b, w, -1).numpy()

@@ -37,7 +37,7 @@ def hashed_step(users: np.ndarray, k: int, seed: int = 0) -> StepFn:
     """
     users = np.asarray(users, dtype=np.uint64)
 
-    def step(tokens: np.ndarray) -> np.ndarray:
+    def step(tokens: np.ndarray, parents: np.ndarray | None = None) -> np.ndarray:
         n_req, width, t = tokens.shape
         h = np.broadcast_to(users[:, None] ^ np.uint64(seed), (n_req, width))  # (B, W)
         h = _mix(h + np.uint64(0x9E3779B97F4A7C15))
@@ -63,7 +63,7 @@ def _prefix_ids(trie: SIDTrie, tokens: np.ndarray) -> np.ndarray:
 def adversarial_step(trie: SIDTrie, legal_value: float, illegal_value: float) -> StepFn:
     """Puts the model's mass where the trie forbids it: ``illegal_value`` on illegal codes."""
 
-    def step(tokens: np.ndarray) -> np.ndarray:
+    def step(tokens: np.ndarray, parents: np.ndarray | None = None) -> np.ndarray:
         legal = trie.allowed(tokens.shape[2], _prefix_ids(trie, tokens))  # (B, W, K)
         return np.where(legal, legal_value, illegal_value).astype(np.float32)
 
@@ -72,7 +72,7 @@ def adversarial_step(trie: SIDTrie, legal_value: float, illegal_value: float) ->
 
 def zero_step(k: int) -> StepFn:
     """Every code equally likely: every candidate ties."""
-    return lambda tokens: np.zeros((*tokens.shape[:2], k), np.float32)
+    return lambda tokens, parents=None: np.zeros((*tokens.shape[:2], k), np.float32)
 
 
 def _catalog(n: int, levels: int, k: int, seed: int) -> SIDTrie:
@@ -335,7 +335,7 @@ def test_first_level_sees_empty_prefixes_and_every_step_sees_full_width() -> Non
     trie = _catalog(50, 3, k, seed=0)
     shapes: list[tuple[int, ...]] = []
 
-    def step(tokens: np.ndarray) -> np.ndarray:
+    def step(tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:
         shapes.append(tokens.shape)
         assert tokens.dtype == np.int64
         assert tokens.min(initial=0) >= 0 and tokens.max(initial=0) < k  # in-range tokens
@@ -357,4 +357,29 @@ def test_empty_catalog_and_empty_batch() -> None:
 def test_wrong_step_output_shape_is_rejected() -> None:
     trie = _catalog(10, 3, 4, seed=0)
     with pytest.raises(ValueError, match="step_fn returned"):
-        constrained_beam_search(lambda t: np.zeros((2, 3, 5), np.float32), 2, 3, trie)
+        constrained_beam_search(lambda t, p: np.zeros((2, 3, 5), np.float32), 2, 3, trie)
+
+
+def test_parents_name_each_beams_prefix_in_the_previous_call() -> None:
+    """A decoder with a cache sees only its own state and ``parents``: following them, it
+    must rebuild exactly the prefixes the search passes, at every level and width."""
+    k, n_req, width = 12, 3, 40
+    trie = _catalog(600, 3, k, seed=5)
+    scores = hashed_step(np.arange(n_req), k)
+    state: list[np.ndarray] = []  # the prefixes as the cache would hold them
+
+    def cached(tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:
+        if parents is None:
+            assert tokens.shape[2] == 0
+            state[:] = [tokens]
+        else:
+            rows = np.arange(tokens.shape[0])[:, None]
+            rebuilt = np.concatenate([state[0][rows, parents], tokens[..., -1:]], axis=2)
+            alive = (tokens >= 0).all(axis=2)
+            np.testing.assert_array_equal(rebuilt[alive], tokens[alive])
+            state[:] = [tokens]
+        return scores(tokens)
+
+    cached_result = constrained_beam_search(cached, n_req, width, trie)
+    plain = constrained_beam_search(scores, n_req, width, trie)
+    np.testing.assert_array_equal(cached_result.sids, plain.sids)

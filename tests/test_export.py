@@ -77,11 +77,22 @@ def test_encoder_and_steps_match_torch(exported, b: int, s: int, p: int, life: i
         assert max(np.abs(a - e).max() for a, e in zip(kv, flat_t, strict=True)) <= 1e-4
         user_t = model.user(torch.from_numpy(inputs["short_items"])).numpy()
         assert user.shape == (b, CFG.d_model) and np.abs(user - user_t).max() <= 1e-4
+        # The cached decoder, each beam following a random parent, against the uncached
+        # step on the prefixes those parents spell out.
+        search = onnx.search(keep, kv)
+        rng = np.random.default_rng(b)
+        tokens, parents = np.zeros((b, 6, 0), np.int64), None
         for level in range(CFG.sid_levels):
-            tokens = np.random.default_rng(level).integers(0, CFG.codebook_size, (b, 6, level))
-            ours = onnx.step(tokens, keep, kv)
+            ours = search(tokens, parents)
             ref = model.decoder.step(torch.from_numpy(tokens), kv_t, keep_t).numpy()
+            assert ours.shape == (b, 6, CFG.codebook_size)
             assert np.abs(ours - ref).max() <= 1e-4
+            cache = search.present[0]
+            assert cache.shape[2:] == (CFG.n_heads, level + 1, CFG.d_model // CFG.n_heads)
+            parents = rng.integers(0, cache.shape[1], (b, 6))
+            code = rng.integers(0, CFG.codebook_size, (b, 6, 1))
+            rows = np.arange(b)[:, None]
+            tokens = np.concatenate([tokens[rows, parents] if level else tokens, code], axis=2)
 
 
 def test_beam_search_top10_matches_torch(exported) -> None:
@@ -94,11 +105,11 @@ def test_beam_search_top10_matches_torch(exported) -> None:
         memory, keep_t = model.encoder(**{k: torch.from_numpy(inputs[k]) for k in PATHWAY_INPUTS})
         kv_t = model.decoder.cross_kv(memory)
 
-        def torch_step(tokens: np.ndarray) -> np.ndarray:
+        def torch_step(tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:
             return model.decoder.step(torch.from_numpy(tokens), kv_t, keep_t).numpy()
 
         ref = constrained_beam_search(torch_step, 3, 32, trie)
-    ours = constrained_beam_search(lambda t: onnx.step(t, keep, kv), 3, 32, trie)
+    ours = constrained_beam_search(onnx.search(keep, kv), 3, 32, trie)
     np.testing.assert_array_equal(ours.sids[:, :10], ref.sids[:, :10])
     np.testing.assert_allclose(ours.scores[:, :10], ref.scores[:, :10], atol=1e-4)
 
@@ -113,5 +124,6 @@ def test_parity_report_measures_what_the_tests_assert(exported) -> None:
     p = parity(model, onnx, pathways, trie, beam_width=32)
     assert p.requests == 2 and p.top10_equal == 2
     assert 0 <= p.kv_max_abs <= 1e-4 and 0 <= p.step_max_abs <= 1e-4
+    assert 0 <= p.cache_max_abs <= 1e-4
     assert 0 <= p.user_max_abs <= 1e-4
     assert "top-10 identical for 2/2" in str(p)

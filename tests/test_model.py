@@ -76,17 +76,20 @@ SMALL = OneRecConfig(
 def _request_flops(
     model: OneRec, cfg: OneRecConfig, beam: int, life: int, short: int | None = None, positive=None
 ) -> int:
-    """What serving executes for one request: encoder once, cross K/V once, L decode steps,
-    then the ranking stage scores ``beam`` candidates."""
+    """What serving executes for one request: encoder once, cross K/V once, L cached
+    decode steps (the first on BOS alone), then the ranking stage scores ``beam``
+    candidates."""
     inputs = _inputs(cfg, 1, life, short=short, positive=positive)
     model.requires_grad_(False)  # the counter's module tracker trips over leaf parameters
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         memory, keep = model.encoder(**inputs)
         kv = model.decoder.cross_kv(memory)
-        tokens = torch.zeros(1, beam, 0, dtype=torch.long)
-        for _ in range(cfg.sid_levels):
-            logp = model.decoder.step(tokens, kv, keep)
-            tokens = torch.cat([tokens, logp.argmax(-1, keepdim=True)], dim=-1)
+        logp, past = model.decoder.cached_step(None, [], kv, keep)
+        code = logp.argmax(-1).expand(1, beam)
+        past = [(k.expand(-1, beam, -1, -1, -1), v.expand(-1, beam, -1, -1, -1)) for k, v in past]
+        for _ in range(1, cfg.sid_levels):
+            logp, past = model.decoder.cached_step(code, past, kv, keep)
+            code = logp.argmax(-1)
         candidates = model.encoder.item.weight[1 : beam + 1]
         candidates @ model.user(inputs["short_items"])[0]
     return counter.get_total_flops()
@@ -340,3 +343,13 @@ def test_next_item_loss_adds_to_the_sid_loss_and_handles_padded_windows() -> Non
     assert set(parts) == {"sid", "next_item"}
     torch.testing.assert_close(parts["sid"], sid)
     torch.testing.assert_close(parts["sid"] + parts["next_item"], both)
+
+
+def test_dense_moe_equals_the_dispatched_one() -> None:
+    """The decoder's first level runs every expert and weights them by gate
+    (DENSE_MOE_LEVELS): the same numbers as dispatching tokens to their top-k."""
+    moe = _model(SMALL).moe_layers()[0]
+    with torch.no_grad():
+        moe.bias.copy_(torch.randn_like(moe.bias))  # routing that differs from the scores'
+        x = torch.randn(3, 5, SMALL.d_model)
+        torch.testing.assert_close(moe(x, dense=True), moe(x), atol=1e-6, rtol=1e-5)

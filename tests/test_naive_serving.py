@@ -55,7 +55,7 @@ def test_naive_beams_equal_the_vectorised_search() -> None:
         memory, keep = model.encoder(**inputs)
         kv = model.decoder.cross_kv(memory)
 
-        def step(tokens: np.ndarray) -> np.ndarray:
+        def step(tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:
             return model.decoder.step(torch.from_numpy(tokens), kv, keep).numpy()
 
         for width in (1, 5, 40):

@@ -64,9 +64,7 @@ def _reference(repo: Path, pathways, beam: int, trie, exclude=None):
     decoder = OnnxDecoder(repo / "onerec_decoder" / "1", threads=1)
     keep, kv, _ = encoder.encode(collate([pathways]))
     leaves = None if exclude is None else exclude_leaves(trie, [exclude])
-    return constrained_beam_search(
-        lambda t: decoder.step(t, keep, kv), 1, beam, trie, exclude=leaves
-    )
+    return constrained_beam_search(decoder.search(keep, kv), 1, beam, trie, exclude=leaves)
 
 
 def _assert_same_beams(sids: np.ndarray, scores: np.ndarray, ref, n: int) -> None:

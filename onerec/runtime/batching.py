@@ -201,7 +201,7 @@ def decode_batch(
         )
     ]
     result = constrained_beam_search(
-        lambda tokens: decoder.step(tokens, keep, kv_list),
+        decoder.search(keep, kv_list),
         len(keep),
         widths,
         trie,

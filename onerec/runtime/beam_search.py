@@ -5,10 +5,11 @@ a code that the :class:`~onerec.runtime.trie.SIDTrie` allows after its prefix: i
 to -inf *before* the top-k, so whatever the model's scores and at any beam width, every
 returned SID is one that a real item carries.
 
-**Step function.** ``step_fn(tokens)`` maps the (B, W, t) int64 codes decoded so far
-(t = 0 at the first level) to (B, W, K) float32 log-probabilities of the next code. The
-real decoder re-runs its short prefix each step and shares each user's encoder state across
-beams, so the search never has to reorder model state.
+**Step function.** ``step_fn(tokens, parents)`` maps the (B, W, t) int64 codes decoded so
+far (t = 0 at the first level) to (B, W, K) float32 log-probabilities of the next code.
+``parents`` (B, W) says which of the previous call's beams each beam extends (None at the
+first level): the real decoder keeps each beam's self-attention K/V and gathers them by
+it, so no level recomputes earlier positions.
 
 **Vectorisation.** Per level, the Python work is constant in B and W: one mask from the
 trie's CSR, one ``np.argpartition`` over the (B, W * K) candidates, a sort of the W
@@ -44,8 +45,9 @@ LOGP_FLOOR = -1e30  # finite, and hundreds of levels of it still sum to a finite
 
 
 class StepFn(Protocol):
-    def __call__(self, tokens: np.ndarray) -> np.ndarray:
-        """(B, W, t) int64 codes so far -> (B, W, K) float32 next-code log-probabilities."""
+    def __call__(self, tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:
+        """(B, W, t) int64 codes so far, and each beam's parent among the previous call's
+        beams -> (B, W, K) float32 next-code log-probabilities."""
         ...
 
 
@@ -149,8 +151,9 @@ def constrained_beam_search(
     tokens = np.zeros((n_req, width, 0), np.int64)  # (B, W, t)
     alive = prefix >= 0
     rows = np.arange(n_req)[:, None]
+    parents = None
     for level in range(trie.levels):
-        logp = np.asarray(step_fn(tokens), dtype=np.float32)
+        logp = np.asarray(step_fn(tokens, parents), dtype=np.float32)
         if logp.shape != (n_req, width, k):
             raise ValueError(f"step_fn returned {logp.shape}, expected {(n_req, width, k)}")
         # Dead beams are a suffix of every row (beams are sorted), so only the first `live`
@@ -175,6 +178,7 @@ def constrained_beam_search(
         if (prefix[alive] < 0).any():  # the mask and the step read the same CSR
             raise RuntimeError(f"a legal step left the trie at level {level}")
         tokens = np.concatenate([tokens[rows, beam], code[..., None]], axis=2)  # (B, W, t+1)
+        parents = beam
     return BeamResult(np.where(alive[..., None], tokens, -1), scores, alive)
 
 

@@ -14,6 +14,10 @@ N_FLAGS = 6  # click, like, follow, comment, forward, hate (schema order)
 N_GAP_BUCKETS = 33  # 0 = pad, then floor(log2(1 + seconds before the request)) + 1, up to 32
 N_WATCH_BUCKETS = 10  # 0 = pad, then the watch ratio in tenths up to 0.8, then "> 0.8"
 N_WEIGHT_BUCKETS = 18  # 0 = pad, then floor(log2(cluster size)) + 1
+# Decoder levels whose MoE runs every expert densely instead of dispatching tokens: at
+# level 0 one token per user makes the gather/scatter cost more than the experts; at the
+# beam levels dispatch is as fast or faster (docs/findings.md).
+DENSE_MOE_LEVELS = (0,)
 
 
 @dataclass
@@ -78,10 +82,10 @@ def flops_per_request(
     Pathway lengths default to the config's maxima; a server passes the request's own,
     since a light user's encoder runs on far fewer tokens (padding is not useful work).
 
-    Counts what the implementation executes (no KV cache in self-attention: step ``t``
-    recomputes ``t + 1`` positions; cross-attention K/V once per request; the first level
-    runs once, since all beams share BOS). Embedding
-    lookups and element-wise work are not counted, as is usual for MFU.
+    Counts what the served decoder executes: with its KV cache, level ``t`` computes one
+    new position per beam, which attends to the ``t + 1`` cached ones; cross-attention K/V
+    are computed once per request, and the first level once, since all beams share BOS.
+    Embedding lookups and element-wise work are not counted, as is usual for MFU.
     """
     d, ff = cfg.d_model, cfg.d_ff
     n_life = cfg.lifelong_len if lifelong_items is None else lifelong_items
@@ -107,18 +111,18 @@ def flops_per_request(
     f += 2 * _encoder_layer(n_short, d, ff) + _linear(beam_width, d, 1)
     f += cfg.decoder_layers * _linear(t_enc, d, 2 * d)  # cross K/V, once
     for level in range(cfg.sid_levels):
-        beams = 1 if level == 0 else beam_width  # every beam starts from the same BOS
-        n = beams * (level + 1)  # positions computed this step
+        n = 1 if level == 0 else beam_width  # new positions: every beam starts from BOS
+        experts = cfg.n_experts if level in DENSE_MOE_LEVELS else cfg.top_k
         per_layer = (
             _linear(n, d, 3 * d)
-            + beams * _attention(level + 1, level + 1, d)
+            + _attention(n, level + 1, d)  # each new position over its beam's cache
             + _linear(n, d, d)
             + _linear(n, d, d)  # cross-attention queries
             + _attention(n, t_enc, d)
             + _linear(n, d, d)
             + _linear(n, d, cfg.n_experts)
-            + cfg.top_k * 2 * _linear(n, d, cfg.d_expert)
+            + experts * 2 * _linear(n, d, cfg.d_expert)
         )
         f += cfg.decoder_layers * per_layer
-        f += _linear(beams, d, cfg.codebook_size)
+        f += _linear(n, d, cfg.codebook_size)
     return int(f)

@@ -1,10 +1,10 @@
 """The exported model run by ONNX Runtime: what the Triton python backend will host.
 
 :class:`OnnxEncoder` runs ``encoder.onnx`` once per request batch; :class:`OnnxDecoder`
-runs the decoder graph of the prefix's level and is shaped to be the ``step_fn`` of
-:func:`onerec.runtime.beam_search.constrained_beam_search`, so the search is the same code
-offline and online. The Triton encoder and decoder models each load only their half.
-CUDA is asked for only when ONNX Runtime reports it available.
+holds the decoder graph of each level, and its :class:`DecoderSearch` is the ``step_fn``
+of :func:`onerec.runtime.beam_search.constrained_beam_search` with a KV cache, so the
+search is the same code offline and online. The Triton encoder and decoder models each
+load only their half. CUDA is asked for only when ONNX Runtime reports it available.
 """
 
 from __future__ import annotations
@@ -64,16 +64,36 @@ class OnnxDecoder:
         if not self.steps:
             raise FileNotFoundError(f"{directory}: no decoder_step_0.onnx")
         self.kv_names = [i.name for i in self.steps[0].get_inputs()][1:]
+        self.past_names = [i.name for i in self.steps[-1].get_inputs()][2 + len(self.kv_names) :]
         k0 = self.steps[0].get_inputs()[1].shape  # (batch, heads, enc_len, head_dim)
         self.kv_shape = (len(self.kv_names), int(k0[1]), int(k0[3]))  # cross_kv's fixed axes
 
-    def step(self, tokens: np.ndarray, keep: np.ndarray, kv: list[np.ndarray]) -> np.ndarray:
-        """(B, W, t) prefixes -> (B, W, K) log-probabilities of level t."""
+    def search(self, keep: np.ndarray, kv: list[np.ndarray]) -> DecoderSearch:
+        """The ``step_fn`` of one beam search over these users (see
+        :mod:`onerec.runtime.beam_search`)."""
+        return DecoderSearch(self, keep, kv)
+
+
+class DecoderSearch:
+    """One search's decoder state: each beam's self-attention K/V so far. A level runs
+    only the beams' newest code; the cache follows each beam from its parent."""
+
+    def __init__(self, decoder: OnnxDecoder, keep: np.ndarray, kv: list[np.ndarray]) -> None:
+        self.decoder = decoder
+        self.feeds = {"keep": keep, **dict(zip(decoder.kv_names, kv, strict=True))}
+        self.present: list[np.ndarray] = []
+
+    def __call__(self, tokens: np.ndarray, parents: np.ndarray | None) -> np.ndarray:
+        """(B, W, t) codes so far and each beam's parent among the last call's beams ->
+        (B, W, K) log-probabilities of level t."""
         b, w, t = tokens.shape
-        feeds = {"keep": keep, **dict(zip(self.kv_names, kv, strict=True))}
+        feeds = dict(self.feeds)
         if t:
-            feeds["tokens"] = tokens.astype(np.int64)
-        (logp,) = self.steps[t].run(None, feeds)
+            rows = np.arange(b)[:, None]
+            feeds["code"] = np.ascontiguousarray(tokens[:, :, -1], dtype=np.int64)
+            for name, cache in zip(self.decoder.past_names, self.present, strict=True):
+                feeds[name] = cache[rows, parents]  # (B, W, h, t, dh): each beam's parent's
+        logp, *self.present = self.decoder.steps[t].run(None, feeds)
         return np.broadcast_to(logp, (b, w, logp.shape[-1]))
 
 
@@ -88,4 +108,4 @@ class OnnxOneRec:
         self.encoder = OnnxEncoder(Path(directory) / "encoder.onnx", threads)
         self.decoder = OnnxDecoder(decoder_directory or directory, threads)
         self.encode = self.encoder.encode
-        self.step = self.decoder.step
+        self.search = self.decoder.search
