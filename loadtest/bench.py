@@ -396,8 +396,8 @@ def store_sweep(stack: Stack, users, flops_of, clients: list[int], seconds: floa
     Recommend QPS and latency per concurrency, then LogEvents' write latency. Redis runs
     with ``appendfsync always`` and SQLite with ``synchronous=FULL``: both durable."""
     from loadtest.redis_server import RedisServer
+    from onerec.cli.build import load_features
     from onerec.data.schema import Dataset
-    from onerec.feature_load import load_store
 
     workdir = stack.workdir / "stores"
     workdir.mkdir()
@@ -408,7 +408,7 @@ def store_sweep(stack: Stack, users, flops_of, clients: list[int], seconds: floa
     rows, writes = [], {}
     try:
         ds = Dataset.load(stack.artifacts / "data")
-        load_store(ds, redis.url())
+        load_features(stack.artifacts, stack.repository, redis.url(), force=True)
         sqlite = workdir / "features.sqlite"
         shutil.copy(stack.artifacts / "features.sqlite", sqlite)
         items = ds.items["item_id"].astype(str).tolist()

@@ -55,8 +55,8 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtest.net import free_ports, scrape
+from onerec.cli.build import load_features
 from onerec.data.schema import Dataset
-from onerec.feature_load import load_store
 from onerec.v1 import recommender_pb2 as pb
 from onerec.v1 import recommender_pb2_grpc as pb_grpc
 from server.metrics import measure_peak_flops
@@ -515,7 +515,7 @@ class Stack:
         self._stops.callback(self.redis.stop)
         self.redis.start()
         say(f"redis-server on :{self.redis.port}; loading {len(self.ds.events):,} events")
-        load_store(self.ds, self.redis.url())
+        load_features(Path(a.artifacts), Path(a.repository), self.redis.url(), force=True)
         compact_aof(self.redis.url())
         ports = free_ports(7)
         self.triton = Triton(a.repository, ports[:3], self.workdir)

@@ -1,38 +1,64 @@
 """The feature store's initial contents from a build's data set: every profile and event,
-with the engagement rule's positive flag, handed to the store's bulk load."""
+with the engagement rule's positive flag, and each user's compressed lifelong pathway, so
+that no request runs k-means; handed to the store's bulk load."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
 from onerec.data.schema import Dataset
 from onerec.runtime.engagement import engagement_score, is_positive
+from onerec.runtime.lifelong import LifelongRecord, lifelong_record
 from onerec.runtime.pathways import FLAG_COLUMNS
 from server.feature_store import FLAG_BITS, BulkRows, bulk_load
 
 
-def dataset_rows(ds: Dataset) -> BulkRows:
+def dataset_rows(
+    ds: Dataset, vectors: np.ndarray, budget: int, progress: Callable[[Iterable], Iterable] = iter
+) -> BulkRows:
+    """``vectors`` are the model's item vectors and ``budget`` its lifelong length: what
+    the front end compresses with."""
     ev = ds.events
+    item_idx = ds.item_index().astype(np.int64)
+    ts = ev["timestamp"].to_numpy(np.int64)
+    users = ds.user_index()  # events are sorted by user, then time
+    bounds = np.searchsorted(users, np.arange(ds.n_users + 1))
+    records: list[LifelongRecord | None] = []
+    for u in progress(range(ds.n_users)):
+        lo, hi = bounds[u], bounds[u + 1]
+        empty = np.zeros(0, str)
+        records.append(
+            lifelong_record(item_idx[lo:hi], ts[lo:hi], vectors, budget, -1, empty)
+            if hi > lo
+            else None
+        )
     return BulkRows(
         static=ds.users[ds.static_feature_columns()].to_numpy(np.int64),
         user_ids=ds.users["user_id"].astype(str).tolist(),
         event_user=ev["user_id"].astype(str).to_numpy(),
         item_id=ev["item_id"].astype(str).to_numpy(),
-        item_idx=ds.item_index().astype(np.int64),
-        ts=ev["timestamp"].to_numpy(np.int64),
+        item_idx=item_idx,
+        ts=ts,
         watch_ms=ev["watch_ms"].to_numpy(np.int64),
         duration_ms=ev["duration_ms"].to_numpy(np.int64),
         flags=ev[list(FLAG_COLUMNS)].to_numpy(np.int64) @ FLAG_BITS,
         positive=is_positive(engagement_score(ev)),
+        lifelong=records,
     )
 
 
-def load_store(ds: Dataset, spec: str | Path, progress: bool = False) -> None:
+def load_store(
+    ds: Dataset, spec: str | Path, vectors: np.ndarray, budget: int, progress: bool = False
+) -> None:
     """Replace the store ``spec`` names (a SQLite path or a redis:// URL) with ``ds``'s users
-    and events, with a progress bar when asked."""
+    and events and their lifelong records, with progress bars when asked."""
     from rich.progress import track
 
-    bar = (lambda users: track(users, "loading the feature store")) if progress else None
-    bulk_load(spec, dataset_rows(ds), bar)
+    def bar(what: str) -> Callable[[Iterable], Iterable]:
+        return (lambda it: track(it, what)) if progress else iter
+
+    rows = dataset_rows(ds, vectors, budget, bar("compressing lifelong histories"))
+    bulk_load(spec, rows, bar("loading the feature store") if progress else None)

@@ -269,6 +269,7 @@ class FrontEnd:
         await self.server.stop(self.s.grace_s)
         await self.model.close()
         self.metrics.close()
+        self.ctx.builder.refresher.close()
         self.ctx.store.close()
         log.info("front end stopped")
 

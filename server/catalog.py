@@ -39,7 +39,7 @@ class CatalogView:
     sids: np.ndarray  # (N, L)
     model_idx: np.ndarray  # (N,) the model's item index, -1 for items it never saw
     popularity_order: np.ndarray  # (N,) rows, most popular first
-    sid_size: np.ndarray  # (N,) items sharing the row's SID
+    leaf: np.ndarray  # (N,) the row's SID as a leaf of the trie
     index: SIDIndex
     row_by_id: dict[str, int]
     row_by_model: np.ndarray  # (n_model_items,) row of each model item index, -1 if absent
@@ -55,7 +55,6 @@ class CatalogView:
         items = version.items
         index = SIDIndex.build(items.codes, items.collision_rank, version.trie.codebook_size)
         leaf = index.trie.leaf_of(items.codes)
-        sizes = np.diff(index.offsets)
         model_idx = np.array([model_items.get(i, -1) for i in items.item_ids], np.int64)
         order = np.lexsort((np.arange(len(leaf)), -items.popularity))
         row_by_model = np.full(len(model_items), -1, np.int64)
@@ -68,7 +67,7 @@ class CatalogView:
             items.codes,
             model_idx,
             order,
-            sizes[leaf],
+            leaf,
             index,
             row_by_id,
             row_by_model,
@@ -92,9 +91,11 @@ class CatalogView:
         return np.array([str(i) in self.row_by_id for i in item_ids], bool)
 
     def exclusion_sids(self, rows: np.ndarray) -> np.ndarray:
-        """SIDs worth excluding in the decoder: those whose only item is in ``rows``."""
-        rows = rows[self.sid_size[rows] == 1]
-        return self.sids[rows]
+        """SIDs worth excluding in the decoder: those all of whose items are in ``rows``, in
+        one vectorised pass (a SID that an allowed item shares stays searchable)."""
+        leaves, avoided = np.unique(self.leaf[np.unique(rows)], return_counts=True)
+        full = leaves[avoided == np.diff(self.index.offsets)[leaves]]
+        return self.index.trie.sids[full]
 
     def allowed(
         self, rows: np.ndarray, seen_idx: np.ndarray, excluded_ids: np.ndarray

@@ -26,12 +26,13 @@ import sqlite3
 import threading
 from collections.abc import Iterable
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from onerec.runtime.lifelong import LifelongRecord
 from onerec.runtime.pathways import FLAG_COLUMNS, History
 
 _SCHEMA = """
@@ -61,6 +62,11 @@ CREATE TABLE IF NOT EXISTS applied (  -- LogEvents request ids already committed
 CREATE TABLE IF NOT EXISTS versions (
   user_id TEXT PRIMARY KEY,
   n_events INTEGER NOT NULL          -- grows with every append: the cache key
+);
+CREATE TABLE IF NOT EXISTS lifelong (  -- onerec.runtime.lifelong.LifelongRecord
+  user_id TEXT PRIMARY KEY,
+  version INTEGER NOT NULL,          -- the events it covers: never replaced by an older one
+  record BLOB NOT NULL
 );
 """
 _COLUMNS = "item_idx, ts, watch_ms, duration_ms, flags"
@@ -119,6 +125,15 @@ class FeatureStore(Protocol):
 
     def items_outside(self, user_id: str, n_items: int) -> list[str]:
         """Distinct ids of the user's items whose model index is ``n_items`` or more."""
+        ...
+
+    def lifelong(self, user_id: str) -> LifelongRecord | None:
+        """The user's stored lifelong record, or None."""
+        ...
+
+    def put_lifelong(self, user_id: str, record: LifelongRecord) -> None:
+        """Store ``record`` unless the stored one already covers more events (two front
+        ends may refresh one user at once)."""
         ...
 
     def append(self, user_id: str, events: Iterable[EventRow], request_id: str = "") -> int:
@@ -217,6 +232,19 @@ class SQLiteFeatureStore:
         )
         return [r[0] for r in rows]
 
+    def lifelong(self, user_id: str) -> LifelongRecord | None:
+        sql = "SELECT record FROM lifelong WHERE user_id=?"
+        row = self._conn().execute(sql, (user_id,)).fetchone()
+        return None if row is None else LifelongRecord.from_bytes(row[0])
+
+    def put_lifelong(self, user_id: str, record: LifelongRecord) -> None:
+        self._conn().execute(
+            "INSERT INTO lifelong VALUES (?, ?, ?) ON CONFLICT(user_id) DO UPDATE SET "
+            "version = excluded.version, record = excluded.record "
+            "WHERE excluded.version >= lifelong.version",
+            (user_id, record.version, record.to_bytes()),
+        )
+
     def append(self, user_id: str, events: Iterable[EventRow], request_id: str = "") -> int:
         rows = [
             (
@@ -281,6 +309,8 @@ class BulkRows:
     duration_ms: np.ndarray
     flags: np.ndarray  # bit i = FLAG_COLUMNS[i]
     positive: np.ndarray  # bool
+    # each profiled user's lifelong record (its mark is set by the store that writes it)
+    lifelong: list[LifelongRecord | None]
 
 
 def write_sqlite(path: str | Path, rows: BulkRows) -> None:
@@ -315,6 +345,16 @@ def write_sqlite(path: str | Path, rows: BulkRows) -> None:
     users, counts = np.unique(ev.event_user, return_counts=True)
     conn.executemany(
         "INSERT INTO versions VALUES (?, ?)", zip(users.tolist(), counts.tolist(), strict=True)
+    )
+    # Rows went in in log order into an empty table: a user's mark is its last row's id.
+    last = dict(zip(ev.event_user.tolist(), range(1, len(ev.event_user) + 1), strict=True))
+    conn.executemany(
+        "INSERT INTO lifelong VALUES (?, ?, ?)",
+        (
+            (u, r.version, replace(r, mark=last[u]).to_bytes())
+            for u, r in zip(rows.user_ids, rows.lifelong, strict=True)
+            if r is not None
+        ),
     )
     conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -116,6 +116,11 @@ class Metrics:
             ["dependency"],
             registry=r,
         )
+        self.topped_up = Counter(
+            "onerec_topped_up",
+            "model answers that needed popular items because the search ran out of SIDs",
+            registry=r,
+        )
         self.triton_restarts = Counter(
             "onerec_triton_restarts",
             "times the supervisor restarted a local tritonserver that died",
@@ -133,6 +138,7 @@ class Metrics:
         self.shed.inc(0)
         self.illegal.inc(0)
         self.triton_restarts.inc(0)
+        self.topped_up.inc(0)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         self._http, _ = start_http_server(port, addr=addr, registry=self.registry)

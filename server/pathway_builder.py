@@ -1,21 +1,24 @@
 """The four encoder pathways of a request, from the feature store, as the trainer builds them.
 
-:func:`onerec.runtime.pathways.build_pathways` works on a whole history in memory. A server must
-not read 100,000 events per request, so this builds the same arrays from three cheap
-reads: the last ``short_len`` events, the last ``positive_len`` positive events, and the
-lifelong representatives, which are compressed with the trainer's function
-(:func:`onerec.runtime.lifelong.compress_history`) and cached per user; they are recomputed once
-the user has logged more than 64 events or 1% of the history since (the new events are in
-the short-term pathway meanwhile), while the seen-item set is kept exact on every call.
-Inline events sent with the request join the short-term and positive
-pathways for that request only. A test checks equality with ``build_pathways``.
+:func:`onerec.runtime.pathways.build_pathways` works on a whole history in memory. A server
+must not read 100,000 events per request, nor run k-means on one, so this builds the same
+arrays from cheap reads: the last ``short_len`` events, the last ``positive_len`` positive
+events, and the user's lifelong record (:class:`onerec.runtime.lifelong.LifelongRecord`:
+the compressed pathway and the seen items), which the build stored beside the events and
+:class:`LifelongRefresher` keeps fresh in the background. Events appended since a record
+was made join its seen items exactly on every call, and the short-term pathway meanwhile.
+Inline events sent with the request join the short-term and positive pathways for that
+request only. A test checks equality with ``build_pathways``.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import faiss
@@ -23,9 +26,11 @@ import numpy as np
 
 from onerec.runtime.config import OneRecConfig
 from onerec.runtime.engagement import is_positive
-from onerec.runtime.lifelong import compress_history
+from onerec.runtime.lifelong import LifelongRecord, lifelong_record, recent_distinct
 from onerec.runtime.pathways import History, gap_bucket, watch_bucket, weight_bucket
-from server.feature_store import FeatureStore
+from server.feature_store import FeatureStore, StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 
 def _fields(h: History) -> tuple[np.ndarray, ...]:
@@ -55,19 +60,21 @@ def _tokens(h: History, now_ms: int, prefix: str) -> dict[str, np.ndarray]:
 
 @dataclass(frozen=True)
 class Lifelong:
-    version: int  # the user's event count that ``seen`` covers
-    compressed_at: int  # the event count the representatives were computed at
-    mark: int  # the store's append position that ``seen`` covers
-    items: np.ndarray  # (R,) model item index of each representative, time order
-    timestamp: np.ndarray  # (R,)
-    weight: np.ndarray  # (R,) cluster-size bucket
-    history_len: int
-    seen: np.ndarray  # unique model indices of every item in the history
-    seen_new: np.ndarray  # ids of history items the model never saw
+    """A user's lifelong pathway and seen items as requests use them: the stored record,
+    or a stand-in while there is none, plus the exact seen items of the events appended
+    since it was made."""
+
+    record: LifelongRecord
+    version: int  # the events it covers, the appended ones included
+    mark: int  # the store's append position it covers
+    seen: np.ndarray  # distinct model indices, most recent first, at most SEEN_LIMIT
+    seen_new: np.ndarray  # ids of seen items the model does not know
+    stand_in: bool  # no stored record: the last ``lifelong_len`` events stand in
 
     @property
     def nbytes(self) -> int:
-        arrays = (self.items, self.timestamp, self.weight, self.seen, self.seen_new)
+        r = self.record
+        arrays = (r.items, r.timestamp, r.weight, self.seen, self.seen_new)
         return sum(a.nbytes for a in arrays) + 200
 
 
@@ -76,16 +83,23 @@ class Built:
     """One request's pathways, what the user has seen, and where the time went."""
 
     pathways: dict[str, np.ndarray]
-    seen: np.ndarray  # model indices of the history and the inline events
+    seen: np.ndarray  # model indices of the history (most recent first) and inline events
     seen_new: np.ndarray  # ids of seen items the model never saw
     features_s: float  # the short-term and positive reads
-    lifelong_s: float  # the lifelong step: a cache lookup, or a fresh compression
-    compressed: bool  # False when the compression came from the cache
+    lifelong_s: float  # the lifelong step: a cache lookup, or a read of the stored record
+    source: str  # where the lifelong pathway came from: "cache", "store" or "recent"
     history_len: int
 
 
 class PathwayBuilder:
-    """Pathways for a user; thread-safe (called from the server's thread pool)."""
+    """Pathways for a user; thread-safe (called from the server's thread pool).
+
+    The lifelong pathway never runs k-means here: it is the user's stored record
+    (compressed at the build and by :class:`LifelongRefresher`), kept in an LRU cache by
+    bytes, with the items appended since it read as a delta. A record older than
+    ``refresh_events`` events or ``refresh_fraction`` of the history (whichever is more)
+    is still used, and a background refresh is asked for.
+    """
 
     def __init__(
         self,
@@ -97,82 +111,81 @@ class PathwayBuilder:
         refresh_fraction: float = 0.01,
     ) -> None:
         self.store, self.cfg, self.vectors = store, cfg, item_vectors
-        # Requests compress concurrently on worker threads: faiss's OpenMP team per call
-        # oversubscribes the cores (docs/findings.md).
-        faiss.omp_set_num_threads(1)
         self.cache_bytes = cache_bytes
         self._bytes = 0
         self.refresh_events, self.refresh_fraction = refresh_events, refresh_fraction
         self._cache: OrderedDict[str, Lifelong] = OrderedDict()
         self._lock = threading.Lock()
+        self.refresher = LifelongRefresher(store, item_vectors, cfg.lifelong_len, self._stale)
+        self.refresher.refreshed.append(self.forget)
 
-    def _fresh_enough(self, hit: Lifelong, version: int) -> bool:
+    def _stale(self, record: LifelongRecord, version: int) -> bool:
         """A few new events barely move a long history's summary, and they are in the
-        short-term pathway anyway: recompress after ``refresh_events`` or
-        ``refresh_fraction`` of the history, whichever is more."""
-        allowed = max(self.refresh_events, int(self.refresh_fraction * hit.history_len))
-        return 0 <= version - hit.compressed_at <= allowed
+        short-term pathway anyway: refresh after ``refresh_events`` or ``refresh_fraction``
+        of the history, whichever is more."""
+        allowed = max(self.refresh_events, int(self.refresh_fraction * record.version))
+        return version - record.version > allowed
 
-    def lifelong(self, user_id: str) -> tuple[Lifelong, bool]:
-        """The user's compression (cached or new) and whether it was computed now.
-
-        The seen-item sets are always exact: new events since the cached version are
-        read (the last few rows) and added, even when the compression is reused.
-        """
+    def lifelong(self, user_id: str) -> tuple[Lifelong, str]:
+        """The user's lifelong pathway and its source: "cache", "store" (the stored
+        record) or "recent" (no record yet: the last events stand in)."""
         version = self.store.version(user_id)
         with self._lock:
             hit = self._cache.get(user_id)
-        compressed = False
-        if hit is not None and hit.version == version:
-            life = hit
-        elif hit is not None and self._fresh_enough(hit, version):
-            new, mark = self.store.items_after(user_id, hit.mark)
-            life = self._with_seen(hit, user_id, version, new, mark)
+        if hit is not None and hit.version <= version:
+            life, source = self._advance(hit, user_id, version), "cache"
+        elif (record := self.store.lifelong(user_id)) is not None:
+            life, source = self._advance(self._of(record), user_id, version), "store"
         else:
-            life, compressed = self._compress(user_id, version), True
+            life, source = self._stand_in(user_id, version), "recent"
+        if (life.stand_in and version > self.cfg.lifelong_len) or self._stale(life.record, version):
+            self.refresher.request(user_id)
         with self._lock:  # LRU bounded by bytes: heavy users' entries are much bigger
             old = self._cache.pop(user_id, None)
             self._bytes += life.nbytes - (old.nbytes if old is not None else 0)
             self._cache[user_id] = life
             while self._bytes > self.cache_bytes and len(self._cache) > 1:
                 self._bytes -= self._cache.popitem(last=False)[1].nbytes
-        return life, compressed
+        return life, source
 
-    def _with_seen(
-        self, hit: Lifelong, user_id: str, version: int, new: np.ndarray, mark: int
-    ) -> Lifelong:
+    def forget(self, user_id: str) -> None:
+        """Drop the cached entry: the store holds a newer record (after a refresh)."""
+        with self._lock:
+            old = self._cache.pop(user_id, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+
+    @staticmethod
+    def _of(record: LifelongRecord) -> Lifelong:
+        return Lifelong(record, record.version, record.mark, record.seen, record.seen_new, False)
+
+    def _advance(self, life: Lifelong, user_id: str, version: int) -> Lifelong:
+        """``life`` plus the items appended after its mark: seen stays exact."""
+        if version == life.version:
+            return life
+        new, mark = self.store.items_after(user_id, life.mark)
         n_items = len(self.vectors)
-        seen = np.union1d(hit.seen, new[new < n_items])
-        seen_new = hit.seen_new
+        seen = recent_distinct(np.concatenate([life.seen[::-1], new[new < n_items]]))
+        seen_new = life.seen_new
         if (new >= n_items).any():
             seen_new = np.array(self.store.items_outside(user_id, n_items), str)
-        return replace(hit, version=version, mark=mark, seen=seen, seen_new=seen_new)
+        return replace(life, version=version, mark=mark, seen=seen, seen_new=seen_new)
 
-    def _compress(self, user_id: str, version: int) -> Lifelong:
+    def _stand_in(self, user_id: str, version: int) -> Lifelong:
+        """No stored record (a user who arrived by LogEvents): the last ``lifelong_len``
+        events, each standing for itself. For a history no longer than that, this is
+        exactly what compression would give; a longer one gets a refresh."""
         mark = self.store.mark(user_id)  # first: a later append is read again, never missed
-        h = self.store.history(user_id)
+        h = self.store.recent(user_id, self.cfg.lifelong_len)
         n_items = len(self.vectors)
-        known = np.flatnonzero(h.items < n_items)  # the model's items only
-        seen = np.unique(h.items[known])
         seen_new = np.array(
-            self.store.items_outside(user_id, n_items) if len(known) < len(h) else [], str
+            self.store.items_outside(user_id, n_items) if (h.items >= n_items).any() else [], str
         )
-        if not len(known):
-            empty = np.zeros(0, np.int64)
-            return Lifelong(version, version, mark, empty, empty, empty, len(h), seen, seen_new)
-        c = compress_history(self.vectors[h.items[known]], budget=self.cfg.lifelong_len)
-        keep = known[c.positions]
-        return Lifelong(
-            version,
-            version,
-            mark,
-            h.items[keep],
-            h.timestamp[keep],
-            weight_bucket(c.weights),
-            len(h),
-            seen,
-            seen_new,
+        record = lifelong_record(
+            h.items, h.timestamp, self.vectors, self.cfg.lifelong_len, mark, seen_new
         )
+        life = self._of(replace(record, version=len(h)))
+        return replace(life, version=version, stand_in=True)
 
     def build(
         self,
@@ -193,17 +206,88 @@ class PathwayBuilder:
             positive = _take(concat(positive, inline_pos), slice(-cfg.positive_len, None))
             inline_seen = inline.items
         features_s = time.perf_counter() - started
-        life, compressed = self.lifelong(user_id)
+        life, source = self.lifelong(user_id)
         lifelong_s = time.perf_counter() - started - features_s
+        r = life.record
         pathways = {
             "static": np.asarray(static, np.int64),
             **_tokens(short, now_ms, "short"),
             **_tokens(positive, now_ms, "pos"),
-            "life_items": life.items.astype(np.int64) + 1,
-            "life_gap": gap_bucket(now_ms, life.timestamp),
-            "life_weight": life.weight.astype(np.int64),
+            "life_items": r.items.astype(np.int64) + 1,
+            "life_gap": gap_bucket(now_ms, r.timestamp),
+            "life_weight": weight_bucket(r.weight),
         }
-        seen = np.concatenate([life.seen, inline_seen])
-        return Built(
-            pathways, seen, life.seen_new, features_s, lifelong_s, compressed, life.history_len
+        seen = np.concatenate([inline_seen, life.seen])
+        return Built(pathways, seen, life.seen_new, features_s, lifelong_s, source, life.version)
+
+
+class LifelongRefresher:
+    """Recompresses users' lifelong records in one background thread and stores them, so
+    requests never wait for k-means. A user is queued once however often it is asked for;
+    beyond ``max_pending`` users, requests are dropped (the next one asks again)."""
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        vectors: np.ndarray,
+        budget: int,
+        stale: Callable[[LifelongRecord, int], bool],
+        max_pending: int = 10_000,
+    ) -> None:
+        self.store, self.vectors, self.budget, self.stale = store, vectors, budget, stale
+        self.max_pending = max_pending
+        self.refreshed: list[Callable[[str], None]] = []  # called with each refreshed user
+        self._pending: set[str] = set()
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._lock = threading.Lock()
+        # One thread, one core for faiss: the request path shares the machine.
+        faiss.omp_set_num_threads(1)
+        self._thread = threading.Thread(target=self._run, name="lifelong-refresh", daemon=True)
+        self._thread.start()
+
+    def request(self, user_id: str) -> None:
+        with self._lock:
+            if user_id in self._pending or len(self._pending) >= self.max_pending:
+                return
+            self._pending.add(user_id)
+        self._queue.put(user_id)
+
+    def _run(self) -> None:
+        while (user_id := self._queue.get()) is not None:
+            try:
+                self.refresh(user_id)
+            except StoreUnavailable as e:
+                log.warning("lifelong refresh of %s skipped: %s", user_id, e)
+            except Exception:  # the thread must outlive any one user
+                log.exception("lifelong refresh of %s failed", user_id)
+            finally:
+                with self._lock:
+                    self._pending.discard(user_id)
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def refresh(self, user_id: str) -> bool:
+        """Recompress ``user_id`` if its record is missing or stale; True if it did."""
+        version = self.store.version(user_id)
+        record = self.store.lifelong(user_id)
+        if record is not None and not self.stale(record, version):
+            return False
+        mark = self.store.mark(user_id)  # first: a later append is read again, never missed
+        h = self.store.history(user_id)
+        n_items = len(self.vectors)
+        seen_new = np.array(
+            self.store.items_outside(user_id, n_items) if (h.items >= n_items).any() else [], str
         )
+        fresh = lifelong_record(h.items, h.timestamp, self.vectors, self.budget, mark, seen_new)
+        self.store.put_lifelong(user_id, fresh)
+        for callback in self.refreshed:
+            callback(user_id)
+        return True
+
+    def drain(self) -> None:
+        """Wait until every queued refresh is done."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(30)

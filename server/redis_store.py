@@ -11,7 +11,9 @@ shard and the append script may touch them all:
 * ``onerec:{u}:pos``     the positive events, the same members;
 * ``onerec:{u}:log``     the model indices in append order, int64 bytes (``items_after``);
 * ``onerec:{u}:ids``     each distinct item id, scored by its model index (``items_outside``);
-* ``onerec:{u}:req:<id>`` a LogEvents request id already applied, with its count, for a day.
+* ``onerec:{u}:req:<id>`` a LogEvents request id already applied, with its count, for a day;
+* ``onerec:{u}:life``    the compressed lifelong pathway and seen items (a hash: ``v``, the
+  events it covers, and ``r``, the record), replaced only by one that covers more.
 
 ``append`` runs one Lua script, so a call's events land together or not at all and two
 front ends appending for one user get distinct append numbers. It returns only after Redis
@@ -26,6 +28,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -33,6 +36,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from onerec.runtime.lifelong import LifelongRecord
 from onerec.runtime.pathways import History
 from server.feature_store import FLAG_BITS, BulkRows, EventRow, StoreUnavailable
 
@@ -70,6 +74,16 @@ redis.call("APPEND", KEYS[4], ARGV[2])
 redis.call("SET", KEYS[1], v + n)
 redis.call("SET", KEYS[6], n, "EX", ARGV[1])
 return n
+"""
+
+
+# KEYS: life.  ARGV: version, record.
+_PUT_LIFELONG = """#!lua
+local stored = tonumber(redis.call("HGET", KEYS[1], "v") or "-1")
+if tonumber(ARGV[1]) >= stored then
+  redis.call("HSET", KEYS[1], "v", ARGV[1], "r", ARGV[2])
+end
+return 0
 """
 
 
@@ -140,6 +154,7 @@ class RedisFeatureStore:
             health_check_interval=30,
         )
         self._append = self.r.register_script(_APPEND)
+        self._put_lifelong = self.r.register_script(_PUT_LIFELONG)
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
@@ -195,6 +210,17 @@ class RedisFeatureStore:
             ids = self.r.zrange(_key(user_id, "ids"), n_items, "+inf", byscore=True)
         return [i.decode() for i in ids]
 
+    def lifelong(self, user_id: str) -> LifelongRecord | None:
+        with self._errors():
+            raw = self.r.hget(_key(user_id, "life"), "r")
+        return None if raw is None else LifelongRecord.from_bytes(raw)
+
+    def put_lifelong(self, user_id: str, record: LifelongRecord) -> None:
+        with self._errors():
+            self._put_lifelong(
+                keys=[_key(user_id, "life")], args=[record.version, record.to_bytes()]
+            )
+
     def append(self, user_id: str, events: Iterable[EventRow], request_id: str = "") -> int:
         rows = list(events)
         fields = _fields(rows)
@@ -243,7 +269,7 @@ def load_redis(store: RedisFeatureStore, rows: BulkRows, progress=None) -> None:
     pipe = store.r.pipeline(transaction=False)
     queued = 0
     for u, user in enumerate((progress or iter)(rows.user_ids)):
-        keys = [_key(user, k) for k in ("static", "n", "ev", "pos", "log", "ids")]
+        keys = [_key(user, k) for k in ("static", "n", "ev", "pos", "log", "ids", "life")]
         pipe.delete(*keys)
         pipe.set(keys[0], rows.static[u].tobytes())
         pipe.sadd(USERS, user)
@@ -251,6 +277,10 @@ def load_redis(store: RedisFeatureStore, rows: BulkRows, progress=None) -> None:
         if events is not None:
             _queue_events(pipe, keys, rows, events)
             queued += len(events)
+        record = rows.lifelong[u]
+        if record is not None:  # the mark after a user's n-th append is n
+            record = replace(record, mark=record.version)
+            pipe.hset(keys[6], mapping={"v": record.version, "r": record.to_bytes()})
         queued += 1
         if queued >= 50_000:
             pipe.execute()

@@ -269,8 +269,9 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         m.stage.labels("features").observe(profile_s + built.features_s)
         m.stage.labels("lifelong").observe(built.lifelong_s)
         excluded = np.concatenate([excluded, built.seen_new])
-        recent = np.concatenate([built.pathways["short_items"], built.pathways["pos_items"]]) - 1
-        avoid = np.concatenate([view.rows_of(excluded), view.rows_of_model(recent)])
+        # Every seen item (up to SEEN_LIMIT, the most recent) is excluded inside the search,
+        # so beams go to unseen items rather than being dropped after decoding.
+        avoid = np.concatenate([view.rows_of(excluded), view.rows_of_model(built.seen)])
         return Prepared(view, built, built.seen, excluded, view.exclusion_sids(avoid))
 
     def _map(self, prep: Prepared, decoded, count: int):
@@ -290,7 +291,8 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             live = view.holds(answer.item_ids[rows])  # return what it has since removed
             rows, scores = rows[live], scores[live]
         ids, sids = answer.item_ids[rows], answer.sids[rows]
-        if len(rows) < count:  # filtering ate beams: top up with popular unseen items
+        if len(rows) < count:  # the decoder ran out of allowed SIDs: top up from popularity
+            m.topped_up.inc()
             fill = view.popular(seen, np.concatenate([excluded, ids]), count - len(rows))
             ids = np.concatenate([ids, view.item_ids[fill]])
             sids = np.concatenate([sids, view.sids[fill]])
@@ -351,6 +353,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         except StoreUnavailable as e:
             self._store_failed("LogEvents", e)
             raise Unavailable(f"{retry}: {e}") from e
+        ctx.builder.refresher.request(request.user_id)  # recompresses if enough arrived
         return pb.LogEventsResponse(accepted=accepted)
 
     def _store_failed(self, method: str, error: StoreUnavailable) -> None:

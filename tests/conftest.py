@@ -105,7 +105,7 @@ def served(tmp_path_factory):
     torch.save(
         {"model": model.state_dict(), "model_config": asdict(cfg)}, art / "model" / "checkpoint.pt"
     )
-    load_store(ds, art / "features.sqlite")
+    load_store(ds, art / "features.sqlite", cat.vectors, cfg.lifelong_len)
     triton = TritonProcess(repo, TritonPorts(*free_ports(3)), probe=lambda url: probe(url, cfg))
     with triton:
         yield triton, ds, cfg, repo, art

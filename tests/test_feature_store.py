@@ -16,8 +16,10 @@ import pytest
 from onerec.data.synthetic import SyntheticConfig, generate
 from onerec.event_arrays import EventArrays
 from onerec.feature_load import load_store
+from onerec.runtime import lifelong
 from onerec.runtime.config import OneRecConfig
 from onerec.runtime.engagement import is_positive
+from onerec.runtime.lifelong import recent_distinct
 from onerec.runtime.pathways import History, build_pathways
 from server.feature_store import (
     EventRow,
@@ -55,8 +57,9 @@ def loaded(request, data, tmp_path):
     """A store of each kind holding the data set, as `onerec build` leaves it."""
     spec = _spec(request.param, request, tmp_path)
     assert stored_users(spec) == 0
-    load_store(data[0], spec)
-    load_store(data[0], spec)  # a reload replaces, never duplicates
+    ds, vectors = data
+    load_store(ds, spec, vectors, CFG.lifelong_len)
+    load_store(ds, spec, vectors, CFG.lifelong_len)  # a reload replaces, never duplicates
     assert stored_users(spec) == data[0].n_users
     store = _open(spec)
     yield store
@@ -107,9 +110,11 @@ def test_served_pathways_equal_the_trainers(data, loaded) -> None:
         assert set(built.pathways) == set(want)
         for name in want:
             np.testing.assert_array_equal(built.pathways[name], want[name], err_msg=name)
-        assert built.history_len == len(h) and built.compressed and built.lifelong_s > 0
-        np.testing.assert_array_equal(built.seen, np.unique(h.items))
-        assert not builder.build(user_id, now, static[u]).compressed  # cached
+        assert built.history_len == len(h) and built.source == "store"  # the build's record
+        assert sorted(built.seen.tolist()) == np.unique(h.items).tolist()
+        np.testing.assert_array_equal(built.seen[:3], recent_distinct(h.items)[:3])
+        assert builder.build(user_id, now, static[u]).source == "cache"
+    builder.refresher.close()
 
 
 def _row(item: int, ts: int, like: bool = False, item_id: str | None = None) -> EventRow:
@@ -127,11 +132,17 @@ def test_appends_join_short_term_and_seen_and_refresh_the_lifelong_cache(
     user = str(ds.users["user_id"].iloc[0])
     last = int(store.history(user).timestamp[-1])
     static = store.static(user)
+    stored = store.lifelong(user)
     builder.build(user, last + 10, static)
     assert store.append(user, [_row(7, last + 1, like=True), _row(9, last + 2)]) == 2
     built = builder.build(user, last + 10, static)
-    assert built.compressed == (refresh_events == 0)  # recompressed, or reused
-    assert {7, 9} <= set(built.seen.tolist())  # exact either way
+    assert built.source == "cache" and built.seen[:2].tolist() == [9, 7]  # exact at once
+    builder.refresher.drain()  # a refresh was asked for only past the allowance
+    record = store.lifelong(user)
+    assert record.version == (stored.version + 2 if refresh_events == 0 else stored.version)
+    assert builder.build(user, last + 10, static).source == (
+        "store" if refresh_events == 0 else "cache"
+    )
     store.append(user, [_row(33, 1)])  # logged late: older than everything stored
     assert 33 in builder.build(user, last + 10, static).seen
     store.append(user, [_row(CFG.n_items, last + 4, item_id="brand-new")])
@@ -261,3 +272,47 @@ def test_missing_replica_acknowledgements_are_not_an_acknowledgement(redis_serve
         store.append("u", [_row(1, 1)], request_id="r1")
     plain = RedisFeatureStore(url)
     assert plain.append("u", [_row(1, 1)], request_id="r1") == 1 and plain.version("u") == 1
+
+
+def test_requests_never_run_kmeans_and_new_users_get_a_record_in_the_background(
+    data, empty, monkeypatch
+) -> None:
+    """A user known only by LogEvents has no record: a request uses the last events as
+    they are (no k-means on the request's thread), and asks the refresher, whose thread
+    compresses and stores the record the next request reads."""
+    _, vectors = data
+    store = empty
+    kmeans_threads: list[str] = []
+    real = lifelong._kmeans
+
+    def spy(*args, **kwargs):
+        kmeans_threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lifelong, "_kmeans", spy)
+    budget = CFG.lifelong_len
+    items = np.arange(3 * budget) % len(vectors)
+    store.append("heavy", [_row(int(i), 1_000 + t) for t, i in enumerate(items)])
+    builder = PathwayBuilder(store, CFG, vectors)
+    built = builder.build("heavy", 10_000, np.zeros(0, np.int64))
+    assert built.source == "recent" and kmeans_threads == []
+    np.testing.assert_array_equal(built.pathways["life_items"], items[-budget:] + 1)
+    builder.refresher.drain()
+    assert set(kmeans_threads) == {"lifelong-refresh"}
+    record = store.lifelong("heavy")
+    assert record.version == len(items) and len(record.items) <= budget
+    again = builder.build("heavy", 10_000, np.zeros(0, np.int64))
+    assert again.source == "store" and again.pathways["life_weight"].max() > 1
+    builder.refresher.close()
+
+
+def test_an_older_record_never_replaces_a_newer_one(empty) -> None:
+    """Two front ends refreshing one user at once: the record covering more events stays."""
+    store = empty
+    vectors = np.zeros((10, 4), np.float32)
+    empty_ids = np.zeros(0, str)
+    old = lifelong.lifelong_record(np.arange(5), np.arange(5), vectors, 40, 5, empty_ids)
+    new = lifelong.lifelong_record(np.arange(8), np.arange(8), vectors, 40, 8, empty_ids)
+    store.put_lifelong("u", new)
+    store.put_lifelong("u", old)
+    assert store.lifelong("u").version == 8

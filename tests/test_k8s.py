@@ -526,7 +526,14 @@ def test_feature_load_is_a_post_install_and_upgrade_hook(profile: str) -> None:
     pod = job["spec"]["template"]["spec"]
     assert pod["restartPolicy"] == "Never"
     (load,) = pod["containers"]
-    assert load["args"] == ["features", "load", "--artifacts", "/models/artifacts"]
+    assert load["args"] == [
+        "features",
+        "load",
+        "--artifacts",
+        "/models/artifacts",
+        "--repository",
+        "/models/repository",
+    ]
     # The front end's image, store, model source and security contexts.
     dep = objs["Deployment/onerec-frontend"]
     fe_pod = dep["spec"]["template"]["spec"]
@@ -565,6 +572,7 @@ def test_feature_load_args_are_a_cli_command() -> None:
     job = objects("values-cpu.yaml")["Job/onerec-feature-load"]
     args = parser.parse_args(job["spec"]["template"]["spec"]["containers"][0]["args"])
     assert str(args.artifacts) == "/models/artifacts"
+    assert str(args.repository) == "/models/repository"
     # The store and its password come from the env; no --force, so a loaded store stays.
     assert args.func.__name__ == "cmd_features_load"
     assert args.feature_store is None and not args.force

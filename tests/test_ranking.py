@@ -56,3 +56,19 @@ def test_front_end_ranks_a_sids_items_each_by_its_own_score(tmp_path) -> None:
     assert illegal == 0
     rows, _, _ = view.rank(sids, logp, user, np.array([1]), np.array(["new"]), 2)  # b seen
     assert view.item_ids[rows].tolist() == ["a", "c"]
+
+
+def test_the_search_excludes_a_sid_only_when_all_its_items_are_avoided(tmp_path) -> None:
+    """a and b share a SID: seeing a leaves b searchable; seeing both excludes the SID."""
+    codes = np.array([[0, 0, 0], [0, 0, 0], [1, 2, 3], [2, 2, 2]])
+    ids = np.array(["a", "b", "c", "d"])
+    popularity = np.array([5, 9, 3, 1])
+    catalog.publish(
+        tmp_path, ItemSIDs(ids, codes, collision_ranks(codes, popularity), popularity), 4
+    )
+    view = CatalogReader(tmp_path, {i: n for n, i in enumerate(ids)}, np.zeros((6, 2))).get()
+    row = {item: view.row_by_id[item] for item in ids}
+    assert view.exclusion_sids(np.array([row["a"], row["c"]])).tolist() == [[1, 2, 3]]
+    both = np.array([row["a"], row["b"], row["b"], row["d"]])  # repeats count once
+    assert view.exclusion_sids(both).tolist() == [[0, 0, 0], [2, 2, 2]]
+    assert view.exclusion_sids(np.zeros(0, np.int64)).shape == (0, 3)

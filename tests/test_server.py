@@ -29,9 +29,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from onerec.cli import main
+from onerec.cli.build import load_features
 from onerec.event_arrays import EventArrays
 from onerec.experiment import load_item_tables, load_model
-from onerec.feature_load import load_store
 from onerec.runtime import catalog
 from onerec.runtime.layout import ENCODER, catalog_dir
 from onerec.v1 import recommender_pb2 as pb
@@ -633,9 +633,9 @@ def test_two_front_ends_share_one_redis(served, redis_server, tmp_path) -> None:
     excluded from B's next answer. With Redis down, Recommend answers from the fallback
     (``feature_store_unavailable``), LogEvents is UNAVAILABLE and stores nothing, health
     says so; with Redis back, both serve from it again."""
-    ds = served[1]
+    *_, repo, art = served
     url = redis_server.flush(4)
-    load_store(ds, url)
+    load_features(art, repo, url, force=True)
     a = Server(served, tmp_path, served[0].grpc_url, store=url)
     b = Server(served, tmp_path, served[0].grpc_url, store=url)
     channels = [grpc.insecure_channel(s.address) for s in (a, b)]

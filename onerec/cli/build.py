@@ -26,7 +26,8 @@ from onerec.cli.common import (
     tokenizer_config,
 )
 from onerec.data.schema import Dataset
-from onerec.runtime.layout import DECODER, ENCODER, TEMPLATE
+from onerec.runtime.config import OneRecConfig
+from onerec.runtime.layout import DECODER, ENCODER, MODEL_ITEMS, TEMPLATE
 from onerec.train_config import TrainConfig
 
 STAGES = ("data", "tokenizer", "model", "repository")
@@ -111,12 +112,16 @@ def _build_model(out: Path, args: argparse.Namespace) -> None:
     repo = Path(args.repository)
     onnx = OnnxOneRec(repo / ENCODER / "1", decoder_directory=repo / DECODER / "1")
     print_parity(model, onnx, out, catalog_index.trie)
-    load_features(out, args.feature_store or str(out / "features.sqlite"), args.force)
+    store = args.feature_store or str(out / "features.sqlite")
+    load_features(out, repo, store, args.force)
 
 
-def load_features(artifacts: Path, store: str, force: bool) -> None:
-    """The initial feature store from the build's data set, unless it holds users."""
+def load_features(artifacts: Path, repository: Path, store: str, force: bool) -> None:
+    """The initial feature store from the build's data set, unless it holds users: every
+    user's lifelong record is compressed here with the served model's item vectors and
+    lifelong length, so requests never run k-means."""
     from onerec.feature_load import load_store
+    from onerec.runtime.model_items import ModelItems
     from server.feature_store import stored_users
     from server.redis_store import redact
 
@@ -125,7 +130,11 @@ def load_features(artifacts: Path, store: str, force: bool) -> None:
         console.print(f"reusing feature store {where} (--force replaces its users)")
         return
     started = time.perf_counter()
-    load_store(Dataset.load(artifacts / "data"), store, progress=console.is_terminal)
+    encoder = repository / ENCODER / "1"
+    cfg = OneRecConfig(**json.loads((encoder / "model.json").read_text()))
+    vectors = ModelItems.load(encoder / MODEL_ITEMS).vectors
+    ds = Dataset.load(artifacts / "data")
+    load_store(ds, store, vectors, cfg.lifelong_len, progress=console.is_terminal)
     console.print(f"feature store {where} in {time.perf_counter() - started:.1f}s")
 
 

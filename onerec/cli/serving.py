@@ -176,7 +176,7 @@ def cmd_features_load(args: argparse.Namespace) -> int:
                 console.print(f"[red]feature store unavailable:[/] {e}")
                 return 1
             time.sleep(2.0)
-    load_features(Path(args.artifacts), store, args.force)
+    load_features(Path(args.artifacts), Path(args.repository), store, args.force)
     return 0
 
 
@@ -236,7 +236,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         dest="features_command", required=True
     )
     p = features.add_parser("load", help="load the build's users and events into a store")
-    p.add_argument("--artifacts", default="artifacts/synthetic")
+    p.add_argument("--artifacts", default="artifacts/synthetic", help="the build's data set")
+    p.add_argument("--repository", default=str(TEMPLATE), help="the served model repository")
     p.add_argument("--feature-store", help=f"{STORE_HELP}; default $ONEREC_FEATURE_STORE")
     p.add_argument("--force", action="store_true", help="replace the users a store holds")
     p.add_argument("--wait-s", type=float, default=120.0, help="wait this long for the store")

@@ -18,6 +18,7 @@ longer than ``budget`` is returned whole with weight 1.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 
@@ -115,3 +116,83 @@ def compress_history(
     w = np.concatenate(weights)
     order = np.argsort(pos)
     return Compressed(pos[order].astype(np.int64), w[order].astype(np.int64))
+
+
+# How many distinct seen items a user's record keeps, the most recent first: the search
+# excludes them all, so this bounds the exclusion a request carries (docs/operations.md).
+SEEN_LIMIT = 8192
+
+
+@dataclass(frozen=True)
+class LifelongRecord:
+    """A user's lifelong pathway, compressed, and the items they have seen: kept beside
+    their events in the feature store, so a request reads it instead of running k-means.
+
+    It covers the history up to the store's append mark ``mark`` (``version`` events);
+    events appended since are read as a delta (their items join ``seen`` exactly), and a
+    background refresh recompresses once enough have arrived.
+    """
+
+    mark: int
+    version: int
+    items: np.ndarray  # (R,) model item index of each representative, time order
+    timestamp: np.ndarray  # (R,) ms
+    weight: np.ndarray  # (R,) how many history items each stands for
+    seen: np.ndarray  # (S,) distinct model indices, the most recent SEEN_LIMIT
+    seen_new: np.ndarray  # (U,) str: ids of seen items the model does not know
+
+    def to_bytes(self) -> bytes:
+        out = io.BytesIO()
+        np.savez(
+            out,
+            counts=np.array([self.mark, self.version], np.int64),
+            items=self.items.astype(np.int64),
+            timestamp=self.timestamp.astype(np.int64),
+            weight=self.weight.astype(np.int64),
+            seen=self.seen.astype(np.int64),
+            seen_new=self.seen_new.astype(str),
+        )
+        return out.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> LifelongRecord:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            mark, version = (int(v) for v in z["counts"])
+            return cls(
+                mark, version, z["items"], z["timestamp"], z["weight"], z["seen"], z["seen_new"]
+            )
+
+
+def recent_distinct(items: np.ndarray, limit: int = SEEN_LIMIT) -> np.ndarray:
+    """The ``limit`` most recently seen distinct items of a time-ordered ``items``, most
+    recent first."""
+    newest_first = items[::-1]
+    distinct, first = np.unique(newest_first, return_index=True)
+    return distinct[np.argsort(first, kind="stable")][:limit]
+
+
+def lifelong_record(
+    items: np.ndarray,
+    timestamp: np.ndarray,
+    vectors: np.ndarray,
+    budget: int,
+    mark: int,
+    seen_new: np.ndarray,
+) -> LifelongRecord:
+    """The record of a whole time-ordered history of model item indices (``len(vectors)``
+    for an item the model does not know): k-means over the known items' vectors."""
+    known = np.flatnonzero(items < len(vectors))
+    kept = known[:0]
+    weight = np.zeros(0, np.int64)
+    if len(known):
+        c = compress_history(vectors[items[known]], budget=budget)
+        kept, weight = known[c.positions], c.weights
+    return LifelongRecord(
+        mark,
+        len(items),
+        items[kept].astype(np.int64),
+        timestamp[kept].astype(np.int64),
+        weight,
+        recent_distinct(items[known]),
+        np.asarray(seen_new, str),
+    )
