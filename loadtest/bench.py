@@ -66,6 +66,7 @@ from server.triton_launcher import TritonPorts, TritonProcess
 
 MODELS = ("onerec_encoder", "onerec_decoder")
 VERDICT = {True: "agree", False: "DISAGREE", None: "not checked: levels under the 10 s window"}
+BEAM_COLS = ["beam_width", "qps", "p50_ms", "p99_ms", "mfu", "c1_p50_ms", "c1_p99_ms"]
 LIFELONG_COLS = ["history", "user_history", "first_call_ms", "p50_ms", "p99_ms"]
 STORE_COLS = ["store", "concurrency", "qps", "p50_ms", "p95_ms", "p99_ms"]
 DELAY_COLS = ["max_queue_delay_us", "qps", "p50_ms", "p99_ms", "avg_batch_decoder"]
@@ -426,6 +427,43 @@ def store_sweep(stack: Stack, users, flops_of, clients: list[int], seconds: floa
     return {"rows": rows, "log_events": writes}
 
 
+def topup_rates(repository: Path, builder: PathwayBuilder, users: list[str]) -> dict:
+    """The share of answers that the popularity top-up must complete (the search left
+    fewer than ``count`` allowed items), for ``users``, offline with the served graphs and
+    the front end's own mapping: excluding in the search only the short-term and positive
+    pathways' items (the rule before) against every seen item the record holds (now)."""
+    from onerec.runtime.beam_search import constrained_beam_search, exclude_leaves
+    from onerec.runtime.layout import DECODER, ENCODER, ITEM_TABLE, MODEL_ITEMS, catalog_dir
+    from onerec.runtime.model_items import ModelItems
+    from onerec.runtime.onnx_runners import OnnxDecoder, OnnxEncoder
+    from onerec.runtime.pathways import collate
+    from server.catalog import CatalogReader
+
+    enc_dir = repository / ENCODER / "1"
+    encoder, decoder = (
+        OnnxEncoder(enc_dir / "encoder.onnx", 1),
+        OnnxDecoder(repository / DECODER / "1", 1),
+    )
+    items = ModelItems.load(enc_dir / MODEL_ITEMS)
+    view = CatalogReader(
+        catalog_dir(repository), items.index(), np.load(enc_dir / ITEM_TABLE)
+    ).get()
+    trie = view.index.trie
+    topped = {"recent": 0, "seen": 0}
+    for user in users:
+        built = builder.build(user, int(time.time() * 1000), builder.store.static(user))
+        keep, kv, vec = encoder.encode(collate([built.pathways]))
+        p = built.pathways
+        recent = np.concatenate([p["short_items"], p["pos_items"]]) - 1
+        for rule, avoid in (("recent", recent), ("seen", built.seen)):
+            exclude = exclude_leaves(trie, [view.exclusion_sids(view.rows_of_model(avoid))])
+            found = constrained_beam_search(decoder.search(keep, kv), 1, 128, trie, exclude)
+            rows, _, _ = view.rank(found.sids[0], found.scores[0], vec[0], built.seen, [], 10)
+            topped[rule] += len(rows) < 10
+    n = max(len(users), 1)
+    return {"users": len(users), "before": topped["recent"] / n, "after": topped["seen"] / n}
+
+
 def history_lengths(store_path: Path) -> pd.Series:
     import sqlite3
 
@@ -514,7 +552,11 @@ def markdown(r: dict) -> str:
         f"## Baseline (torch eager, encoder every step, per-beam Python trie)\n\n"
         f"{table(r['baseline'], cols[:6])}\n"
         f"## Beam sweep (concurrency {r['beam_concurrency']})\n\n"
-        f"{table(r['beam_sweep'], ['beam_width', 'qps', 'p50_ms', 'p99_ms', 'mfu'])}\n"
+        f"{table(r['beam_sweep'], BEAM_COLS)}\n"
+        f"## Popularity top-up, users with more than 1,000 events\n\n"
+        f"Share of {r['topup']['users']} users' answers (count 10, beam 128) the top-up had to "
+        f"complete: excluding only the short-term and positive items in the search "
+        f"{r['topup']['before']:.1%}, excluding every seen item {r['topup']['after']:.1%}.\n\n"
         f"## Lifelong history sweep\n\n"
         f"{table(r['lifelong_sweep'], LIFELONG_COLS)}\n"
         f"## Triton batch delay (concurrency {r['beam_concurrency']}, beam 128)\n\n"
@@ -562,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beam-concurrency", type=int, default=8)
     p.add_argument("--baseline-requests", type=int, default=60)
     p.add_argument("--users", type=int, default=300)
+    p.add_argument("--heavy-users", type=int, default=100, help="users > 1,000 events: top-up")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     peak = measure_peak_flops()
@@ -582,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         "delay_sweep": [],
         "beam_concurrency": args.beam_concurrency,
     }
+    heavy = [str(u) for u in lengths[lengths > 1000].index[: args.heavy_users]]
     tmp = Path(tempfile.mkdtemp(prefix="onerec-bench-"))
     store_copy = tmp / "baseline.sqlite"
     shutil.copy(args.artifacts / "features.sqlite", store_copy)
@@ -589,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     builder = PathwayBuilder(SQLiteFeatureStore(store_copy), cfg, item_tables.vectors)
     print(f"pathways of {len(users)} users ...", flush=True)
     flops_of = user_flops(builder, users, cfg, sorted({128, *args.beams}))
+    print(f"top-up rates of {len(heavy)} heavy users ...", flush=True)
+    report["topup"] = topup_rates(args.repository, builder, heavy)
     print("baseline ...", flush=True)  # first, with the machine to itself
     naive = NaiveServing(load_model(args.artifacts, item_tables), index.trie.sids)
     base = baseline_rows(naive, builder, users, flops_of, 128, args.baseline_requests)
@@ -620,8 +666,11 @@ def main(argv: list[str] | None = None) -> int:
             level = closed_loop(
                 stack.stub, users, flops_of, beam, args.beam_concurrency, args.seconds
             )
-            report["beam_sweep"].append({"beam_width": beam, **_row(level, peak)})
-            print(f"beam {beam}: {report['beam_sweep'][-1]['qps']:.1f} QPS", flush=True)
+            alone = closed_loop(stack.stub, users, flops_of, beam, 1, args.seconds)
+            row = {"beam_width": beam, **_row(level, peak)}
+            row |= {f"c1_{k}": v for k, v in _row(alone, peak).items() if k.endswith("_ms")}
+            report["beam_sweep"].append(row)
+            print(f"beam {beam}: {row['qps']:.1f} QPS, p99 alone {row['c1_p99_ms']:.1f} ms")
         for n, user in lifelong_users.items():
             started = time.perf_counter()
             stack.stub.Recommend(pb.RecommendRequest(user_id=user), timeout=60)

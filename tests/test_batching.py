@@ -14,6 +14,7 @@ from onerec.runtime.batching import (
     check_encoder_request,
     decode_batch,
     encode_batch,
+    length_groups,
     run_valid,
 )
 from onerec.runtime.config import OneRecConfig
@@ -140,3 +141,12 @@ def test_decoder_checks_name_the_field(onnx, change, field) -> None:
     request |= {k: v(request[k]) if callable(v) else v for k, v in change.items()}
     with pytest.raises(RequestError, match=field):
         check_decoder_request(request, trie, decoder.kv_shape)
+
+
+def test_length_groups_keep_a_heavy_user_from_padding_everyone() -> None:
+    lengths = np.array([2000, 10, 30, 1500, 100, 0, 2000])
+    groups = length_groups(lengths)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))
+    for g in groups:
+        assert lengths[g].max() <= max(2 * lengths[g].min(), 64)
+    assert [sorted(g.tolist()) for g in groups] == [[1, 2, 5], [4], [0, 3, 6]]

@@ -65,6 +65,9 @@ def test_bench_runs_end_to_end_and_writes_the_report(served, redis_binary, tmp_p
     assert report["server"][1]["triton"]["onerec_decoder"]["avg_batch"] >= 1
     assert report["server"][0]["stages_ms"]["triton"] > 0
     assert [r["beam_width"] for r in report["beam_sweep"]] == [16, 64]
+    assert all(r["c1_p99_ms"] >= r["c1_p50_ms"] > 0 for r in report["beam_sweep"])
+    topup = report["topup"]  # the tiny set's users all have fewer than 1,000 events
+    assert topup["users"] == 0 and topup["before"] == topup["after"] == 0
     assert [r["history"] for r in report["lifelong_sweep"]] == [250]
     delay = report["delay_sweep"][0]  # applied through Triton's repository API
     assert delay["max_queue_delay_us"] == 4000 and delay["requests"] > 0

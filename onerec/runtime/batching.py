@@ -110,25 +110,44 @@ def check_encoder_request(request: dict[str, np.ndarray], cfg: OneRecConfig) -> 
                 raise RequestError(f"{name}: values must be in 0..{limits[field]}")
 
 
+def length_groups(lengths: np.ndarray, ratio: float = 2.0, floor: int = 64) -> list[np.ndarray]:
+    """Indices of ``lengths`` in groups whose longest is at most ``ratio`` times the
+    shortest (or ``floor``): a batch padded to its longest member makes every short one
+    pay for it, so one heavy user must not multiply a whole batch's encoder work."""
+    order = np.argsort(lengths, kind="stable")
+    groups, start = [], 0
+    for i in range(1, len(order) + 1):
+        if i == len(order) or lengths[order[i]] > max(ratio * lengths[order[start]], floor):
+            groups.append(order[start:i])
+            start = i
+    return groups
+
+
 def encode_batch(
     encoder: OnnxEncoder, requests: Sequence[dict[str, np.ndarray]]
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Valid requests -> per request (keep (rows, T), cross_kv (rows, 2 * layers, h, T, dh),
     user (rows, d)).
 
-    Every row is padded to the batch's longest sequences; ``keep`` marks the padding,
-    which the decoder masks. Call :func:`check_encoder_request` first.
+    Requests of similar lifelong length run together (:func:`length_groups`), each group
+    padded to its longest sequences; ``keep`` marks the padding, which the decoder masks.
+    Call :func:`check_encoder_request` first.
     """
-    samples = [
-        {name: r[name][i] for name in PATHWAY_INPUTS}
-        for r in requests
-        for i in range(r["static"].shape[0])
-    ]
-    keep, kv, user = encoder.encode(collate(samples))
-    cross_kv = np.stack(kv, axis=1)  # (N, 2 * layers, h, T, dh)
-    bounds = np.cumsum([r["static"].shape[0] for r in requests])[:-1]
-    parts = (np.split(a, bounds) for a in (keep, cross_kv, user))
-    return list(zip(*parts, strict=True))
+    out: list = [None] * len(requests)
+    for group in length_groups(np.array([r["life_items"].shape[1] for r in requests])):
+        members = [requests[i] for i in group]
+        samples = [
+            {name: r[name][i] for name in PATHWAY_INPUTS}
+            for r in members
+            for i in range(r["static"].shape[0])
+        ]
+        keep, kv, user = encoder.encode(collate(samples))
+        cross_kv = np.stack(kv, axis=1)  # (N, 2 * layers, h, T, dh)
+        bounds = np.cumsum([r["static"].shape[0] for r in members])[:-1]
+        parts = (np.split(a, bounds) for a in (keep, cross_kv, user))
+        for i, result in zip(group, zip(*parts, strict=True), strict=True):
+            out[i] = result
+    return out
 
 
 @dataclass(frozen=True)
