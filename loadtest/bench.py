@@ -307,6 +307,17 @@ def stage_split(before: dict, after: dict) -> dict[str, float]:
     return out
 
 
+def gc_split(before: dict, after: dict) -> dict[str, float]:
+    """The front end's full (generation 2) garbage collections over the interval: how
+    many, and their total and mean pause."""
+    key = (("generation", "2"),)
+    count = after.get(("onerec_gc_pause_seconds_count", key), 0.0)
+    count -= before.get(("onerec_gc_pause_seconds_count", key), 0.0)
+    total = after.get(("onerec_gc_pause_seconds_sum", key), 0.0)
+    total -= before.get(("onerec_gc_pause_seconds_sum", key), 0.0)
+    return {"full_collections": count, "pause_ms": 1000 * total}
+
+
 def agreement(
     rows: list[dict], illegal: float, level_s: float, window_s: float = 10.0, tolerance=0.2
 ) -> dict:
@@ -548,6 +559,8 @@ def markdown(r: dict) -> str:
         f"## Server (beam 128, closed loop)\n\n{table(r['server'], cols)}\n"
         f"## Front end per stage (mean ms per request)\n\n"
         f"{table(stage_rows, ['concurrency', *STAGES])}\n"
+        f"## Front end full garbage collections per level\n\n"
+        f"{table(flat('gc'), ['concurrency', 'full_collections', 'pause_ms'])}\n"
         f"## Triton per model (avg batch, µs per request)\n\n{table(split_rows, split_cols)}\n"
         f"## Baseline (torch eager, encoder every step, per-beam Python trie)\n\n"
         f"{table(r['baseline'], cols[:6])}\n"
@@ -651,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
             after, front = scrape(stack.triton.ports.metrics), scrape(stack.metrics_port)
             row = {"concurrency": c, **_row(level, peak), "triton": triton_split(before, after)}
             row["stages_ms"] = stage_split(front0, front)
+            row["gc"] = gc_split(front0, front)
             row["prom_qps"] = front[("onerec_qps", ())]
             row["prom_mfu"] = front[("onerec_mfu", ())]
             report["server"].append(row)

@@ -23,6 +23,7 @@ restarts healthy front ends. SIGTERM sets every status NOT_SERVING, keeps answer
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import hmac
 import json
@@ -206,6 +207,11 @@ class FrontEnd:
         await self._set_health(await self.model.probe(self.ctx.cfg))
         await self._check_store()
         self.ctx.catalog.get()  # load the live catalog before the first call
+        # What start-up loaded lives as long as the process: keep it out of every later
+        # collection, whose full passes would otherwise walk it and stall all requests.
+        gc.collect()
+        gc.freeze()
+        self.metrics.watch_gc()
         await self.server.start()
         self.metrics.serve(s.metrics_port)
         self._probe_task = asyncio.create_task(self._probe_loop())

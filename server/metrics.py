@@ -9,6 +9,7 @@ float32 GEMMs measured at start-up).
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections import deque
@@ -126,6 +127,13 @@ class Metrics:
             "times the supervisor restarted a local tritonserver that died",
             registry=r,
         )
+        self.gc_pause = Histogram(
+            "onerec_gc_pause_seconds",
+            "the interpreter's garbage-collection pauses: every thread waits for them",
+            ["generation"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.inflight = Gauge("onerec_inflight", "calls being served now", registry=r)
         peak = Gauge("onerec_peak_flops", "peak FLOP/s that MFU is relative to", registry=r)
         peak.set(peak_flops)
@@ -139,6 +147,20 @@ class Metrics:
         self.illegal.inc(0)
         self.triton_restarts.inc(0)
         self.topped_up.inc(0)
+
+    def watch_gc(self) -> None:
+        """Time every collection into ``onerec_gc_pause_seconds``: a full collection of a
+        large heap stops all threads, and shows in the tail latency."""
+        started: list[float] = [0.0]
+
+        def callback(phase: str, info: dict) -> None:
+            if phase == "start":
+                started[0] = time.perf_counter()
+            else:
+                pause = time.perf_counter() - started[0]
+                self.gc_pause.labels(str(info["generation"])).observe(pause)
+
+        gc.callbacks.append(callback)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         self._http, _ = start_http_server(port, addr=addr, registry=self.registry)

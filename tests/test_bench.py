@@ -64,6 +64,7 @@ def test_bench_runs_end_to_end_and_writes_the_report(served, redis_binary, tmp_p
     assert all(r["errors_or_fallbacks"] == 0 for r in report["server"])
     assert report["server"][1]["triton"]["onerec_decoder"]["avg_batch"] >= 1
     assert report["server"][0]["stages_ms"]["triton"] > 0
+    assert all(r["gc"]["full_collections"] >= 0 for r in report["server"])
     assert [r["beam_width"] for r in report["beam_sweep"]] == [16, 64]
     assert all(r["c1_p99_ms"] >= r["c1_p50_ms"] > 0 for r in report["beam_sweep"])
     topup = report["topup"]  # the tiny set's users all have fewer than 1,000 events
