@@ -32,6 +32,7 @@ the numbers.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -66,6 +67,7 @@ from server.triton_launcher import TritonPorts, TritonProcess
 
 MODELS = ("onerec_encoder", "onerec_decoder")
 VERDICT = {True: "agree", False: "DISAGREE", None: "not checked: levels under the 10 s window"}
+GC_COLS = ["full_collections", "pause_ms", "bench_full_collections", "bench_pause_ms"]
 BEAM_COLS = ["beam_width", "qps", "p50_ms", "p99_ms", "mfu", "c1_p50_ms", "c1_p99_ms"]
 LIFELONG_COLS = ["history", "user_history", "first_call_ms", "p50_ms", "p99_ms"]
 STORE_COLS = ["store", "concurrency", "qps", "p50_ms", "p95_ms", "p99_ms"]
@@ -305,6 +307,45 @@ def stage_split(before: dict, after: dict) -> dict[str, float]:
         )
         out[stage] = 1000 * total / n if n else None
     return out
+
+
+def stage_p99(before: dict, after: dict) -> dict[str, float | None]:
+    """Each stage's p99 over the interval, read off the histogram's buckets (the bucket's
+    upper bound): where the tail of a level's latency is spent."""
+    out = {}
+    for stage in STAGES:
+        counts = {}
+        for (name, labels), value in after.items():
+            labels = dict(labels)
+            if name == "onerec_stage_latency_seconds_bucket" and labels.get("stage") == stage:
+                le = float(labels["le"])
+                counts[le] = value - before.get((name, tuple(sorted(labels.items()))), 0.0)
+        total = counts.get(float("inf"), 0.0)
+        bound = next((le for le in sorted(counts) if total and counts[le] >= 0.99 * total), None)
+        out[stage] = None if bound is None or bound == float("inf") else 1000 * bound
+    return out
+
+
+class GcPauses:
+    """This process's full collections since the last ``take``."""
+
+    def __init__(self) -> None:
+        self._started, self.count, self.total = 0.0, 0, 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.count += 1
+            self.total += time.perf_counter() - self._started
+
+    def take(self) -> dict[str, float]:
+        out = {"bench_full_collections": self.count, "bench_pause_ms": 1000 * self.total}
+        self.count, self.total = 0, 0.0
+        return out
 
 
 def gc_split(before: dict, after: dict) -> dict[str, float]:
@@ -559,8 +600,10 @@ def markdown(r: dict) -> str:
         f"## Server (beam 128, closed loop)\n\n{table(r['server'], cols)}\n"
         f"## Front end per stage (mean ms per request)\n\n"
         f"{table(stage_rows, ['concurrency', *STAGES])}\n"
-        f"## Front end full garbage collections per level\n\n"
-        f"{table(flat('gc'), ['concurrency', 'full_collections', 'pause_ms'])}\n"
+        f"## Front end per stage, p99 (ms, the histogram bucket's upper bound)\n\n"
+        f"{table(flat('stages_p99_ms'), ['concurrency', *STAGES])}\n"
+        f"## Full garbage collections per level (front end; this load generator)\n\n"
+        f"{table(flat('gc'), ['concurrency', *GC_COLS])}\n"
         f"## Triton per model (avg batch, µs per request)\n\n{table(split_rows, split_cols)}\n"
         f"## Baseline (torch eager, encoder every step, per-beam Python trie)\n\n"
         f"{table(r['baseline'], cols[:6])}\n"
@@ -654,6 +697,12 @@ def main(argv: list[str] | None = None) -> int:
     report["baseline"].append({"concurrency": 1, **_row(base, peak)})
     b = report["baseline"][0]
     print(f"baseline: {b['qps']:.2f} QPS p99 {b['p99_ms']:.0f} ms", flush=True)
+    # The load generator's own full collections (torch, the data set and the baseline
+    # model live in this process) would add their pauses to the latencies it measures:
+    # freeze what setup loaded, and count the collections that still happen.
+    gc.collect()
+    gc.freeze()
+    own_gc = GcPauses()
     with Stack(args.artifacts, args.repository, peak, tmp) as stack:
         print(f"warming {len(users)} users' lifelong caches ...", flush=True)
         for u in users:
@@ -664,7 +713,8 @@ def main(argv: list[str] | None = None) -> int:
             after, front = scrape(stack.triton.ports.metrics), scrape(stack.metrics_port)
             row = {"concurrency": c, **_row(level, peak), "triton": triton_split(before, after)}
             row["stages_ms"] = stage_split(front0, front)
-            row["gc"] = gc_split(front0, front)
+            row["stages_p99_ms"] = stage_p99(front0, front)
+            row["gc"] = gc_split(front0, front) | own_gc.take()
             row["prom_qps"] = front[("onerec_qps", ())]
             row["prom_mfu"] = front[("onerec_mfu", ())]
             report["server"].append(row)
