@@ -54,6 +54,7 @@ import torch
 import tritonclient.grpc as grpcclient
 
 from loadtest.net import free_ports, scrape
+from loadtest.pacing import on_schedule
 from onerec.experiment import load_item_tables, load_model
 from onerec.naive_serving import NaiveServing
 from onerec.runtime.pathways import request_flops
@@ -216,43 +217,26 @@ def closed_loop(stub, users, flops_of, beam: int, clients: int, seconds: float) 
 
 
 def open_loop(stub, users, beam: int, rate: float, seconds: float) -> Level:
-    """Requests sent on a fixed schedule; latency counts from the scheduled time."""
-    n = max(1, int(rate * seconds))
-    start = time.perf_counter() + 0.1
+    """Requests sent on a fixed schedule (:func:`loadtest.pacing.on_schedule`); latency
+    counts from the scheduled time."""
     lat: list[float] = []
     errors = [0]
     lock = threading.Lock()
-    next_i = iter(range(n))
 
-    def worker() -> None:
-        rng = np.random.default_rng()
-        while True:
-            with lock:
-                i = next(next_i, None)
-            if i is None:
-                return
-            due = start + i / rate
-            time.sleep(max(0.0, due - time.perf_counter()))
-            user = users[int(rng.integers(len(users)))]
-            try:
-                reply = stub.Recommend(
-                    pb.RecommendRequest(user_id=user, beam_width=beam), timeout=30
-                )
-            except grpc.RpcError:
-                reply = None
+    def call(due: float, rng: np.random.Generator) -> None:
+        user = users[int(rng.integers(len(users)))]
+        try:
+            reply = stub.Recommend(pb.RecommendRequest(user_id=user, beam_width=beam), timeout=30)
+        except grpc.RpcError:
+            reply = None
+        with lock:
             if reply is None or reply.degraded:
-                with lock:
-                    errors[0] += 1
-                continue
-            with lock:
-                lat.append(time.perf_counter() - due)
+                errors[0] += 1
+            else:
+                lat.append(time.monotonic() - due)
 
-    threads = [threading.Thread(target=worker) for _ in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return Level(np.array(lat), time.perf_counter() - start, None, errors[0])
+    start, end = on_schedule(rate, seconds, call)
+    return Level(np.array(lat), end - start, None, errors[0])
 
 
 def _row(level: Level, peak: float) -> dict:

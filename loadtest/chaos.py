@@ -55,6 +55,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtest.net import free_ports, scrape
+from loadtest.pacing import on_schedule
 from onerec.cli.build import load_features
 from onerec.data.schema import Dataset
 from onerec.v1 import recommender_pb2 as pb
@@ -304,31 +305,9 @@ def closed_loop(load: Load, clients: int, log_share: float) -> Iterator[None]:
             t.join(60)
 
 
-def open_loop(load: Load, rate: float, seconds: float, log_share: float, workers: int = 32):
-    """Calls on a fixed schedule, ``rate`` a second; a call's latency counts from its
-    scheduled time, so a stall is not hidden (no coordinated omission). (start, end)."""
-    n = max(1, int(rate * seconds))
-    start = time.monotonic() + 0.1
-    schedule, lock = iter(range(n)), threading.Lock()
-
-    def worker(rng: np.random.Generator) -> None:
-        while True:
-            with lock:
-                i = next(schedule, None)
-            if i is None:
-                return
-            due = start + i / rate
-            time.sleep(max(0.0, due - time.monotonic()))
-            load.one(rng, log_share, due)
-
-    threads = [
-        threading.Thread(target=worker, args=(load.rng(),), daemon=True) for _ in range(workers)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return start, time.monotonic()
+def open_loop(load: Load, rate: float, seconds: float, log_share: float) -> tuple[float, float]:
+    """The mix on a fixed schedule (:func:`loadtest.pacing.on_schedule`): (start, end)."""
+    return on_schedule(rate, seconds, lambda due, rng: load.one(rng, log_share, due))
 
 
 class Probe:
