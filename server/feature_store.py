@@ -21,14 +21,15 @@ never acknowledges events it did not store.
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import ParamSpec, Protocol, TypeVar
 
 import numpy as np
 
@@ -144,6 +145,27 @@ class FeatureStore(Protocol):
     def close(self) -> None: ...
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _unavailable_on_error(method: Callable[P, R]) -> Callable[P, R]:
+    """SQLite errors that say the file cannot serve now (locked past the timeout, disk
+    full or failing, not a database) raise :class:`StoreUnavailable`, as Redis's do, so
+    the front end falls back instead of failing the call. Misuse errors pass through."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
+            raise
+        except sqlite3.DatabaseError as e:  # OperationalError included
+            raise StoreUnavailable(f"sqlite {args[0].path}: {e}") from e
+
+    return wrapper
+
+
 def _history(rows: list[tuple]) -> History:
     a = np.array(rows, dtype=np.int64).reshape(len(rows), 5)
     flags = ((a[:, 4:5] & FLAG_BITS) > 0).astype(np.int8)
@@ -153,28 +175,31 @@ def _history(rows: list[tuple]) -> History:
 class SQLiteFeatureStore:
     """The :class:`FeatureStore` in one SQLite file (WAL)."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
+    def __init__(self, path: str | Path, timeout_s: float = 30.0) -> None:
+        self.path, self.timeout_s = str(path), timeout_s  # how long a write waits for the lock
         self._local = threading.local()
         self._conn().executescript(_SCHEMA)
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             self._local.conn = conn
         return conn
 
+    @_unavailable_on_error
     def ping(self) -> None:
         self._conn().execute("SELECT 1").fetchone()
 
+    @_unavailable_on_error
     def static(self, user_id: str) -> np.ndarray | None:
         sql = "SELECT static FROM users WHERE user_id=?"
         row = self._conn().execute(sql, (user_id,)).fetchone()
         return None if row is None else np.frombuffer(row[0], np.int64).copy()
 
+    @_unavailable_on_error
     def version(self, user_id: str) -> int:
         row = (
             self._conn()
@@ -183,6 +208,7 @@ class SQLiteFeatureStore:
         )
         return 0 if row is None else int(row[0])
 
+    @_unavailable_on_error
     def recent(self, user_id: str, n: int, positive_only: bool = False) -> History:
         where = "user_id=? AND positive=1" if positive_only else "user_id=?"
         rows = (
@@ -195,6 +221,7 @@ class SQLiteFeatureStore:
         )
         return _history(rows[::-1])
 
+    @_unavailable_on_error
     def history(self, user_id: str) -> History:
         rows = (
             self._conn()
@@ -205,22 +232,26 @@ class SQLiteFeatureStore:
         )
         return _history(rows)
 
+    @_unavailable_on_error
     def mark(self, user_id: str) -> int:
         sql = "SELECT max(rowid) FROM events WHERE user_id=?"
         row = self._conn().execute(sql, (user_id,)).fetchone()
         return int(row[0] or 0)
 
+    @_unavailable_on_error
     def items_after(self, user_id: str, mark: int) -> tuple[np.ndarray, int]:
         sql = "SELECT item_idx, rowid FROM events WHERE user_id=? AND rowid>? ORDER BY rowid"
         rows = self._conn().execute(sql, (user_id, mark)).fetchall()
         a = np.array(rows, np.int64).reshape(len(rows), 2)
         return a[:, 0], int(a[-1, 1]) if len(a) else mark
 
+    @_unavailable_on_error
     def any_user(self) -> str | None:
         """Some user with a profile (for examples)."""
         row = self._conn().execute("SELECT user_id FROM users LIMIT 1").fetchone()
         return None if row is None else row[0]
 
+    @_unavailable_on_error
     def items_outside(self, user_id: str, n_items: int) -> list[str]:
         rows = (
             self._conn()
@@ -232,11 +263,13 @@ class SQLiteFeatureStore:
         )
         return [r[0] for r in rows]
 
+    @_unavailable_on_error
     def lifelong(self, user_id: str) -> LifelongRecord | None:
         sql = "SELECT record FROM lifelong WHERE user_id=?"
         row = self._conn().execute(sql, (user_id,)).fetchone()
         return None if row is None else LifelongRecord.from_bytes(row[0])
 
+    @_unavailable_on_error
     def put_lifelong(self, user_id: str, record: LifelongRecord) -> None:
         self._conn().execute(
             "INSERT INTO lifelong VALUES (?, ?, ?) ON CONFLICT(user_id) DO UPDATE SET "
@@ -245,6 +278,7 @@ class SQLiteFeatureStore:
             (user_id, record.version, record.to_bytes()),
         )
 
+    @_unavailable_on_error
     def append(self, user_id: str, events: Iterable[EventRow], request_id: str = "") -> int:
         rows = [
             (

@@ -42,7 +42,22 @@ from server.feature_store import FLAG_BITS, BulkRows, EventRow, StoreUnavailable
 
 PREFIX = "onerec"
 USERS = f"{PREFIX}:users"
-REQUEST_TTL_S = 24 * 3600  # a retry comes within seconds; a day is generous
+REQUEST_TTL_S = 24 * 3600  # a caller's retry comes within seconds; a day is generous
+# Our own token only guards the client's single reconnect-and-retry, a moment later.
+AUTO_TOKEN_TTL_S = 60
+# Errors that say the store cannot take the call now, rather than that the call is wrong:
+# a replica promoted or read-only, memory full, a cluster without a master for the slot.
+_UNAVAILABLE = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
+)
+# Refusals Redis sends as plain errors: too few replicas (min-replicas-to-write), a failed
+# background save blocking writes, a replica still loading or cut off from its master.
+_UNAVAILABLE_REPLIES = ("NOREPLICAS", "MISCONF", "MASTERDOWN", "LOADING")
 SEQ = np.dtype(">u8")
 FIELDS = np.dtype(
     [
@@ -160,8 +175,12 @@ class RedisFeatureStore:
     def _errors(self) -> Iterator[None]:
         try:
             yield
-        except (redis.ConnectionError, redis.TimeoutError) as e:
+        except _UNAVAILABLE as e:
             raise StoreUnavailable(f"redis {self._where()}: {e}") from e
+        except redis.ResponseError as e:
+            if str(e).startswith(_UNAVAILABLE_REPLIES):
+                raise StoreUnavailable(f"redis {self._where()}: {e}") from e
+            raise
 
     def _where(self) -> str:
         u = urlsplit(self.url)
@@ -224,19 +243,17 @@ class RedisFeatureStore:
     def append(self, user_id: str, events: Iterable[EventRow], request_id: str = "") -> int:
         rows = list(events)
         fields = _fields(rows)
-        args: list = [REQUEST_TTL_S, fields["item_idx"].tobytes()]
+        # Without the caller's id, one of our own makes the client's single retry on a
+        # broken connection safe: a reply lost after Redis applied the script finds it
+        # applied instead of applying it twice.
+        token = request_id or f"auto-{uuid.uuid4().hex}"
+        ttl = REQUEST_TTL_S if request_id else AUTO_TOKEN_TTL_S
+        args: list = [ttl, fields["item_idx"].tobytes()]
         for row, f in zip(rows, fields, strict=True):
             args += [row.timestamp_ms, int(row.positive), f.tobytes(), row.item_id, row.item_idx]
-        # Without the caller's id, one of our own makes the single retry below safe: a
-        # reply lost after Redis applied the script finds it applied instead of twice.
-        token = request_id or f"auto-{uuid.uuid4().hex}"
         keys = [_key(user_id, k) for k in ("n", "ev", "pos", "log", "ids", f"req:{token}")]
         with self._errors():
-            try:
-                accepted = self._run_append(keys, args)
-            except redis.ConnectionError:
-                accepted = self._run_append(keys, args)
-        return accepted
+            return self._run_append(keys, args)
 
     def _run_append(self, keys: list[str], args: list) -> int:
         if not self.wait_replicas:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,10 @@ import threading
 
 import numpy as np
 import pytest
+import redis as redis_client
 
+from loadtest.net import free_ports
+from loadtest.redis_server import RedisServer
 from onerec.data.synthetic import SyntheticConfig, generate
 from onerec.event_arrays import EventArrays
 from onerec.feature_load import load_store
@@ -250,8 +254,6 @@ def test_acknowledged_appends_survive_kill_9_of_redis(redis_server) -> None:
 
 
 def test_unreachable_redis_raises_store_unavailable() -> None:
-    from conftest import free_ports
-
     store = RedisFeatureStore(f"redis://127.0.0.1:{free_ports(1)[0]}/0", timeout_s=0.2)
     for call in (
         store.ping,
@@ -316,3 +318,45 @@ def test_an_older_record_never_replaces_a_newer_one(empty) -> None:
     store.put_lifelong("u", new)
     store.put_lifelong("u", old)
     assert store.lifelong("u").version == 8
+
+
+def test_a_sqlite_file_that_cannot_serve_raises_store_unavailable(tmp_path) -> None:
+    """A writer that holds the lock past the timeout (a stuck bulk load, say): the append
+    is refused as unavailable, so LogEvents answers UNAVAILABLE, not INTERNAL."""
+    path = tmp_path / "f.sqlite"
+    store = SQLiteFeatureStore(path, timeout_s=0.1)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    with pytest.raises(StoreUnavailable, match="locked"):
+        store.append("u", [_row(1, 1)], request_id="r1")
+    blocker.execute("ROLLBACK")
+    assert store.append("u", [_row(1, 1)], request_id="r1") == 1  # the retry lands once
+    assert store.version("u") == 1
+    blocker.close()
+    store.close()
+
+
+def test_a_read_only_redis_raises_store_unavailable_and_auto_tokens_expire_soon(
+    redis_binary, tmp_path
+) -> None:
+    """A Redis demoted to a replica (failover) refuses writes with READONLY: that is the
+    store being unavailable, not a bad call. A call without a request id leaves its
+    made-up token for a minute, not the day a caller's id is kept."""
+    with RedisServer(tmp_path) as server:
+        store = RedisFeatureStore(server.url())
+        assert store.append("u", [_row(1, 1)]) == 1
+        admin = redis_client.Redis.from_url(server.url())
+        (token,) = admin.keys("onerec:{u}:req:*")
+        assert 0 < admin.ttl(token) <= 60
+        store.append("u", [_row(2, 2)], request_id="mine")
+        assert admin.ttl("onerec:{u}:req:mine") > 3600
+        admin.replicaof("127.0.0.1", free_ports(1)[0])  # a master that is not there
+        try:
+            with pytest.raises(StoreUnavailable, match="read only replica"):
+                store.append("u", [_row(3, 3)], request_id="r3")
+        finally:
+            admin.replicaof("NO", "ONE")
+        assert store.append("u", [_row(3, 3)], request_id="r3") == 1
+        assert store.version("u") == 3
+        admin.close()
+        store.close()
