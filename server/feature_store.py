@@ -132,6 +132,11 @@ class FeatureStore(Protocol):
         """The user's stored lifelong record, or None."""
         ...
 
+    def lifelong_version(self, user_id: str) -> int | None:
+        """The events the stored lifelong record covers (without reading the record), or
+        None where there is none."""
+        ...
+
     def put_lifelong(self, user_id: str, record: LifelongRecord) -> None:
         """Store ``record`` unless the stored one already covers more events (two front
         ends may refresh one user at once)."""
@@ -268,6 +273,12 @@ class SQLiteFeatureStore:
         sql = "SELECT record FROM lifelong WHERE user_id=?"
         row = self._conn().execute(sql, (user_id,)).fetchone()
         return None if row is None else LifelongRecord.from_bytes(row[0])
+
+    @_unavailable_on_error
+    def lifelong_version(self, user_id: str) -> int | None:
+        sql = "SELECT version FROM lifelong WHERE user_id=?"
+        row = self._conn().execute(sql, (user_id,)).fetchone()
+        return None if row is None else int(row[0])
 
     @_unavailable_on_error
     def put_lifelong(self, user_id: str, record: LifelongRecord) -> None:

@@ -20,6 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import faiss
 import numpy as np
@@ -91,6 +92,24 @@ class Built:
     history_len: int
 
 
+def record_of(
+    store: FeatureStore,
+    user_id: str,
+    read: Callable[[], History],
+    vectors: np.ndarray,
+    budget: int,
+) -> LifelongRecord:
+    """The lifelong record of the events ``read`` returns (the whole history, or its end
+    for a stand-in), marked where the store stood before the read, so an append racing
+    it is read again as a delta, never missed."""
+    mark = store.mark(user_id)
+    h = read()
+    n_items = len(vectors)
+    outside = (h.items >= n_items).any()
+    seen_new = np.array(store.items_outside(user_id, n_items) if outside else [], str)
+    return lifelong_record(h.items, h.timestamp, vectors, budget, mark, seen_new)
+
+
 class PathwayBuilder:
     """Pathways for a user; thread-safe (called from the server's thread pool).
 
@@ -119,17 +138,18 @@ class PathwayBuilder:
         self.refresher = LifelongRefresher(store, item_vectors, cfg.lifelong_len, self._stale)
         self.refresher.refreshed.append(self.forget)
 
-    def _stale(self, record: LifelongRecord, version: int) -> bool:
-        """A few new events barely move a long history's summary, and they are in the
+    def _stale(self, covered: int, version: int) -> bool:
+        """Whether a record covering ``covered`` of ``version`` events needs recompressing.
+        A few new events barely move a long history's summary, and they are in the
         short-term pathway anyway: refresh after ``refresh_events`` or ``refresh_fraction``
         of the history, whichever is more."""
-        allowed = max(self.refresh_events, int(self.refresh_fraction * record.version))
-        return version - record.version > allowed
+        allowed = max(self.refresh_events, int(self.refresh_fraction * covered))
+        return version - covered > allowed
 
-    def lifelong(self, user_id: str) -> tuple[Lifelong, str]:
-        """The user's lifelong pathway and its source: "cache", "store" (the stored
-        record) or "recent" (no record yet: the last events stand in)."""
-        version = self.store.version(user_id)
+    def lifelong(self, user_id: str, version: int) -> tuple[Lifelong, str]:
+        """The user's lifelong pathway at ``version`` (the store's, read by the caller) and
+        its source: "cache", "store" (the stored record) or "recent" (no record yet: the
+        last events stand in)."""
         with self._lock:
             hit = self._cache.get(user_id)
         if hit is not None and hit.version <= version:
@@ -138,7 +158,8 @@ class PathwayBuilder:
             life, source = self._advance(self._of(record), user_id, version), "store"
         else:
             life, source = self._stand_in(user_id, version), "recent"
-        if (life.stand_in and version > self.cfg.lifelong_len) or self._stale(life.record, version):
+        stale = self._stale(life.record.version, version)
+        if (life.stand_in and version > self.cfg.lifelong_len) or stale:
             self.refresher.request(user_id)
         with self._lock:  # LRU bounded by bytes: heavy users' entries are much bigger
             old = self._cache.pop(user_id, None)
@@ -157,7 +178,11 @@ class PathwayBuilder:
 
     @staticmethod
     def _of(record: LifelongRecord) -> Lifelong:
-        return Lifelong(record, record.version, record.mark, record.seen, record.seen_new, False)
+        """The record's seen items move to the entry (which keeps them current), so the
+        cache holds and counts them once."""
+        none = np.zeros(0, np.int64)
+        kept = replace(record, seen=none, seen_new=none.astype(str))
+        return Lifelong(kept, record.version, record.mark, record.seen, record.seen_new, False)
 
     def _advance(self, life: Lifelong, user_id: str, version: int) -> Lifelong:
         """``life`` plus the items appended after its mark: seen stays exact."""
@@ -175,16 +200,9 @@ class PathwayBuilder:
         """No stored record (a user who arrived by LogEvents): the last ``lifelong_len``
         events, each standing for itself. For a history no longer than that, this is
         exactly what compression would give; a longer one gets a refresh."""
-        mark = self.store.mark(user_id)  # first: a later append is read again, never missed
-        h = self.store.recent(user_id, self.cfg.lifelong_len)
-        n_items = len(self.vectors)
-        seen_new = np.array(
-            self.store.items_outside(user_id, n_items) if (h.items >= n_items).any() else [], str
-        )
-        record = lifelong_record(
-            h.items, h.timestamp, self.vectors, self.cfg.lifelong_len, mark, seen_new
-        )
-        life = self._of(replace(record, version=len(h)))
+        budget = self.cfg.lifelong_len
+        read = partial(self.store.recent, user_id, budget)
+        life = self._of(record_of(self.store, user_id, read, self.vectors, budget))
         return replace(life, version=version, stand_in=True)
 
     def build(
@@ -193,8 +211,11 @@ class PathwayBuilder:
         now_ms: int,
         static: np.ndarray,
         inline: History | None = None,
+        *,
+        version: int | None = None,
     ) -> Built:
-        """The same arrays as ``build_pathways`` on the stored history plus ``inline``."""
+        """The same arrays as ``build_pathways`` on the stored history plus ``inline``.
+        ``version`` is the store's, where the caller has just read it (one read less)."""
         started = time.perf_counter()
         cfg = self.cfg
         short = self.store.recent(user_id, cfg.short_len)
@@ -206,7 +227,9 @@ class PathwayBuilder:
             positive = _take(concat(positive, inline_pos), slice(-cfg.positive_len, None))
             inline_seen = inline.items
         features_s = time.perf_counter() - started
-        life, source = self.lifelong(user_id)
+        if version is None:
+            version = self.store.version(user_id)
+        life, source = self.lifelong(user_id, version)
         lifelong_s = time.perf_counter() - started - features_s
         r = life.record
         pathways = {
@@ -231,17 +254,16 @@ class LifelongRefresher:
         store: FeatureStore,
         vectors: np.ndarray,
         budget: int,
-        stale: Callable[[LifelongRecord, int], bool],
+        stale: Callable[[int, int], bool],
         max_pending: int = 10_000,
     ) -> None:
         self.store, self.vectors, self.budget, self.stale = store, vectors, budget, stale
         self.max_pending = max_pending
-        self.refreshed: list[Callable[[str], None]] = []  # called with each refreshed user
+        self.refreshed: list[Callable[[str], None]] = []  # called with each user looked at
         self._pending: set[str] = set()
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._lock = threading.Lock()
-        # One thread, one core for faiss: the request path shares the machine.
-        faiss.omp_set_num_threads(1)
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lifelong-refresh", daemon=True)
         self._thread.start()
 
@@ -253,9 +275,13 @@ class LifelongRefresher:
         self._queue.put(user_id)
 
     def _run(self) -> None:
+        # One core for faiss, the request path shares the machine. OpenMP keeps the
+        # setting per calling thread, so it is set here, on the thread that clusters.
+        faiss.omp_set_num_threads(1)
         while (user_id := self._queue.get()) is not None:
             try:
-                self.refresh(user_id)
+                if not self._closing.is_set():  # closing: what is queued is dropped
+                    self.refresh(user_id)
             except StoreUnavailable as e:
                 log.warning("lifelong refresh of %s skipped: %s", user_id, e)
             except Exception:  # the thread must outlive any one user
@@ -267,27 +293,27 @@ class LifelongRefresher:
         self._queue.task_done()
 
     def refresh(self, user_id: str) -> bool:
-        """Recompress ``user_id`` if its record is missing or stale; True if it did."""
+        """Recompress ``user_id`` if its record is missing or stale; True if it did.
+        Either way the ``refreshed`` callbacks run: another front end may have stored a
+        fresh record since this one asked, and a cache holding the old one must drop it."""
         version = self.store.version(user_id)
-        record = self.store.lifelong(user_id)
-        if record is not None and not self.stale(record, version):
-            return False
-        mark = self.store.mark(user_id)  # first: a later append is read again, never missed
-        h = self.store.history(user_id)
-        n_items = len(self.vectors)
-        seen_new = np.array(
-            self.store.items_outside(user_id, n_items) if (h.items >= n_items).any() else [], str
-        )
-        fresh = lifelong_record(h.items, h.timestamp, self.vectors, self.budget, mark, seen_new)
-        self.store.put_lifelong(user_id, fresh)
+        covered = self.store.lifelong_version(user_id)
+        recompress = covered is None or self.stale(covered, version)
+        if recompress:
+            read = partial(self.store.history, user_id)
+            fresh = record_of(self.store, user_id, read, self.vectors, self.budget)
+            self.store.put_lifelong(user_id, fresh)
         for callback in self.refreshed:
             callback(user_id)
-        return True
+        return recompress
 
     def drain(self) -> None:
         """Wait until every queued refresh is done."""
         self._queue.join()
 
     def close(self) -> None:
+        """Stop after the refresh in progress; what is still queued is dropped (the
+        next request for those users asks again)."""
+        self._closing.set()
         self._queue.put(None)
         self._thread.join(30)

@@ -234,6 +234,11 @@ class RedisFeatureStore:
             raw = self.r.hget(_key(user_id, "life"), "r")
         return None if raw is None else LifelongRecord.from_bytes(raw)
 
+    def lifelong_version(self, user_id: str) -> int | None:
+        with self._errors():
+            raw = self.r.hget(_key(user_id, "life"), "v")
+        return None if raw is None else int(raw)
+
     def put_lifelong(self, user_id: str, record: LifelongRecord) -> None:
         with self._errors():
             self._put_lifelong(

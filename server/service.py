@@ -262,7 +262,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
                 return Prepared(view, None, none, excluded, None, "cold_start")
             if static is None:  # a user known only by events they logged: default profile
                 static = np.zeros(len(ctx.cfg.static_cardinalities), np.int64)
-            built = ctx.builder.build(user, now_ms, static, inline)
+            built = ctx.builder.build(user, now_ms, static, inline, version=version)
         except StoreUnavailable as e:
             self._store_failed("Recommend", e)
             return Prepared(view, None, none, excluded, None, "feature_store_unavailable")

@@ -166,6 +166,29 @@ def test_appends_join_short_term_and_seen_and_refresh_the_lifelong_cache(
     assert len(with_inline["short_items"]) == CFG.short_len
 
 
+def test_a_record_another_front_end_refreshed_replaces_the_cached_one(data, loaded) -> None:
+    """Front ends A and B share a store. A caches a user's record, events arrive, and B
+    refreshes the record first: A's own refresh finds it fresh, recompresses nothing, and
+    still drops A's stale entry, so A's next request reads B's record."""
+    ds, vectors = data
+    store = loaded
+    a = PathwayBuilder(store, CFG, vectors, refresh_events=0)
+    b = PathwayBuilder(store, CFG, vectors, refresh_events=0)
+    user = str(ds.users["user_id"].iloc[1])
+    last = int(store.history(user).timestamp[-1])
+    static = store.static(user)
+    a.build(user, last + 10, static)
+    store.append(user, [_row(5, last + 1)])
+    assert b.refresher.refresh(user) and store.lifelong_version(user) == store.version(user)
+    assert a.build(user, last + 10, static).source == "cache"  # stale: asks for a refresh
+    a.refresher.drain()
+    assert store.lifelong_version(user) == store.version(user)
+    assert a.build(user, last + 10, static).source == "store"
+    assert not a.refresher.refresh(user)  # fresh: nothing recompressed
+    a.refresher.close()
+    b.refresher.close()
+
+
 def test_a_retried_request_id_is_committed_once(empty) -> None:
     store = empty
     events = [_row(1, 10), _row(2, 11)]
