@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from onerec.data.schema import Dataset
+from onerec.event_arrays import EventArrays
 from onerec.runtime.engagement import engagement_score, is_positive
 from onerec.runtime.lifelong import LifelongRecord, lifelong_record
 from onerec.runtime.pathways import FLAG_COLUMNS
@@ -22,17 +23,15 @@ def dataset_rows(
     """``vectors`` are the model's item vectors and ``budget`` its lifelong length: what
     the front end compresses with."""
     ev = ds.events
-    item_idx = ds.item_index().astype(np.int64)
-    ts = ev["timestamp"].to_numpy(np.int64)
-    users = ds.user_index()  # events are sorted by user, then time
-    bounds = np.searchsorted(users, np.arange(ds.n_users + 1))
+    events = EventArrays.from_dataset(ds)
+    item_idx = events.items.astype(np.int64)
     records: list[LifelongRecord | None] = []
+    empty = np.zeros(0, str)
     for u in progress(range(ds.n_users)):
-        lo, hi = bounds[u], bounds[u + 1]
-        empty = np.zeros(0, str)
+        h = events.user(u)
         records.append(
-            lifelong_record(item_idx[lo:hi], ts[lo:hi], vectors, budget, -1, empty)
-            if hi > lo
+            lifelong_record(h.items.astype(np.int64), h.timestamp, vectors, budget, -1, empty)
+            if len(h)
             else None
         )
     return BulkRows(
@@ -41,7 +40,7 @@ def dataset_rows(
         event_user=ev["user_id"].astype(str).to_numpy(),
         item_id=ev["item_id"].astype(str).to_numpy(),
         item_idx=item_idx,
-        ts=ts,
+        ts=events.timestamp,
         watch_ms=ev["watch_ms"].to_numpy(np.int64),
         duration_ms=ev["duration_ms"].to_numpy(np.int64),
         flags=ev[list(FLAG_COLUMNS)].to_numpy(np.int64) @ FLAG_BITS,

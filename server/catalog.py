@@ -94,7 +94,7 @@ class CatalogView:
         """SIDs worth excluding in the decoder: those all of whose items are in ``rows``, in
         one vectorised pass (a SID that an allowed item shares stays searchable)."""
         leaves, avoided = np.unique(self.leaf[np.unique(rows)], return_counts=True)
-        full = leaves[avoided == np.diff(self.index.offsets)[leaves]]
+        full = leaves[avoided == self.index.sizes[leaves]]
         return self.index.trie.sids[full]
 
     def allowed(

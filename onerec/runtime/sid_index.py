@@ -18,6 +18,7 @@ class SIDIndex:
     trie: SIDTrie
     offsets: np.ndarray  # (S + 1,)
     items: np.ndarray  # (N,) item rows grouped by leaf
+    sizes: np.ndarray  # (S,) items per leaf, kept so requests never recompute it
 
     @classmethod
     def build(cls, sids: np.ndarray, collision_rank: np.ndarray, codebook_size: int) -> SIDIndex:
@@ -25,14 +26,14 @@ class SIDIndex:
         leaf = trie.leaf_of(sids)
         order = np.lexsort((collision_rank, leaf))
         offsets = np.searchsorted(leaf[order], np.arange(len(trie) + 1))
-        return cls(trie, offsets, order)
+        return cls(trie, offsets, order, np.diff(offsets))
 
     def expand(self, leaves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, W) ranked leaves (-1 = none) -> (B, M) ranked items, and the column of
         ``leaves`` each came from; both -1 padded."""
         b, w = leaves.shape
         flat = leaves.ravel()
-        counts = np.where(flat >= 0, self.offsets[flat + 1] - self.offsets[np.maximum(flat, 0)], 0)
+        counts = np.where(flat >= 0, self.sizes[np.maximum(flat, 0)], 0)
         per_row = counts.reshape(b, w).sum(1)
         width = max(1, int(per_row.max(initial=0)))
         starts = np.repeat(self.offsets[np.maximum(flat, 0)], counts)
