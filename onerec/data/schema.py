@@ -29,7 +29,8 @@ and ``title`` (str; "" when unknown) and ``duration_ms`` (int64, 0 when unknown)
 with ``items``.
 
 ``ground_truth.npz`` -- optional, synthetic data only: what the oracle needs to compute the
-true next-item distribution (see :mod:`onerec.data.synthetic`).
+true next-item distribution, and the user simulator the users' reactions to any item (see
+:mod:`onerec.data.synthetic` and :mod:`onerec.simulator`).
 
 ``meta.json`` -- name, source and free-form details of how the set was made.
 """

@@ -25,12 +25,16 @@ The generative story, kept simple enough that its optimum is known:
   draws that the user has not consumed yet (only users who exhaust the catalog repeat).
 * **Feedback.** Affinity is the cosine of the user's current interest vector with the
   item's latent vector, plus item quality. Watch ratio, like, follow, comment, forward and
-  hate are all drawn from logistic functions of affinity.
+  hate are all drawn from logistic functions of affinity: :func:`sample_feedback` draws
+  them and :func:`expected_feedback` gives their expected values, one definition shared
+  by the generator and the user simulator (:mod:`onerec.simulator`).
 
-``ground_truth`` holds each user's final interest state and the item-level mixture
-weights, so :func:`oracle_scores` gives the true next-item probabilities: an upper bound
-for Recall@K under the leave-last-out protocol. Novelty only renormalises them over the
-items a user has not seen, which is what the protocol ranks, so the order is unchanged.
+``ground_truth`` holds each user's final interest state, the item-level mixture weights
+and the latent geometry (subtopic and item latents, item quality). So :func:`oracle_scores`
+gives the true next-item probabilities: an upper bound for Recall@K under the
+leave-last-out protocol. Novelty only renormalises them over the items a user has not
+seen, which is what the protocol ranks, so the order is unchanged. And the simulator can
+answer "what would this user do with that item" at the final interest state.
 """
 
 from __future__ import annotations
@@ -40,15 +44,39 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
+from numpy.polynomial.hermite_e import hermegauss
+from scipy.special import ndtr
 from tqdm import tqdm
 
 from onerec.data.schema import Dataset, make_events
+from onerec.runtime.engagement import WATCH_CAP
 
 log = logging.getLogger(__name__)
 
 START_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 DAY_MS = 86_400_000
 MAX_INTERESTS = 5
+
+# The feedback model. Watch ratio = WATCH_MAX * sigmoid(WATCH_SCALE * aff + WATCH_BIAS +
+# WATCH_NOISE * Z), Z ~ N(0, 1); a click is a ratio above CLICK_RATIO. Each flag is
+# Bernoulli(sigmoid(scale * aff + bias)), drawn in this order (the order is part of the
+# seed -> bytes contract).
+WATCH_MAX = 1.6
+WATCH_SCALE = 3.0
+WATCH_BIAS = -0.5
+WATCH_NOISE = 0.5
+CLICK_RATIO = 0.15
+FLAG_LOGITS: dict[str, tuple[float, float]] = {  # flag: (scale, bias)
+    "like": (3.0, -3.0),
+    "follow": (3.0, -5.5),
+    "comment": (3.0, -4.5),
+    "forward": (3.0, -5.0),
+    "hate": (-3.0, -4.5),
+}
+# Probabilists' Gauss-Hermite rule for E[f(Z)]: 32 nodes put the clipped watch term within
+# about 1e-4 of the exact value (the clip's kink limits it) and E[ratio] to 1e-15.
+_GH_Z, _GH_W = hermegauss(32)
+_GH_W = _GH_W / np.sqrt(2.0 * np.pi)
 
 
 @dataclass(frozen=True)
@@ -101,6 +129,67 @@ class _World:
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def interest_vectors(
+    subtopic_latent: np.ndarray, subtopics: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
+    """Unit interest vector of each state: (..., K) subtopics and weights -> (..., L)."""
+    return _unit(np.einsum("...k,...kd->...d", weights, subtopic_latent[subtopics]))
+
+
+def sample_feedback(
+    aff: np.ndarray, duration_ms: np.ndarray, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Draw every behaviour for affinities ``aff`` (any shape) on items of ``duration_ms``.
+
+    Returns the event columns (``watch_ms``, ``duration_ms`` and the flags, so
+    :func:`onerec.runtime.engagement.engagement_score` applies) plus ``watch_ratio``.
+    The draws are one normal, then one uniform per flag, each of ``aff``'s shape.
+    """
+    shape = np.shape(aff)
+    duration = np.broadcast_to(duration_ms, shape)
+    logit = WATCH_SCALE * aff + WATCH_BIAS + rng.normal(0, WATCH_NOISE, shape)
+    ratio = _sigmoid(logit) * WATCH_MAX
+    out = {
+        "watch_ratio": ratio,
+        "watch_ms": (ratio * duration).astype(np.int64),
+        "duration_ms": duration.astype(np.int64),
+        "click": (ratio > CLICK_RATIO).astype(np.int8),
+    }
+    for flag, (scale, bias) in FLAG_LOGITS.items():
+        out[flag] = (rng.random(shape) < _sigmoid(scale * aff + bias)).astype(np.int8)
+    return out
+
+
+def expected_feedback(aff: np.ndarray) -> dict[str, np.ndarray]:
+    """Expected value of every behaviour at affinities ``aff`` (any shape).
+
+    ``watch`` is the engagement formula's watch term E[clip(ratio, 0, WATCH_CAP)] /
+    WATCH_CAP and ``watch_ratio`` is E[ratio] (both by quadrature over the noise);
+    ``click`` is P(ratio > CLICK_RATIO) and each flag its probability, both exact.
+    """
+    aff = np.asarray(aff, dtype=np.float64)
+    mean = WATCH_SCALE * aff + WATCH_BIAS
+    watch = np.zeros_like(mean)
+    ratio = np.zeros_like(mean)
+    for z, w in zip(_GH_Z, _GH_W, strict=True):  # 32 nodes, each vectorised over aff
+        r = _sigmoid(mean + WATCH_NOISE * z) * WATCH_MAX
+        ratio += w * r
+        watch += w * np.minimum(r, WATCH_CAP)
+    threshold = np.log(CLICK_RATIO / (WATCH_MAX - CLICK_RATIO))  # logit of CLICK_RATIO / MAX
+    out = {
+        "watch": watch / WATCH_CAP,
+        "watch_ratio": ratio,
+        "click": ndtr((mean - threshold) / WATCH_NOISE),
+    }
+    for flag, (scale, bias) in FLAG_LOGITS.items():
+        out[flag] = _sigmoid(scale * aff + bias)
+    return out
 
 
 def _build_world(
@@ -296,23 +385,12 @@ def _user_events(
     item = _first_unseen(candidates.reshape(cfg.novelty_tries, n))
 
     # Affinity of the current interest vector with the item.
-    user_vec = _unit(np.einsum("sk,skd->sd", w_traj, world.subtopic_latent[sub_traj]))
+    user_vec = interest_vectors(world.subtopic_latent, sub_traj, w_traj)
     aff = (
         np.einsum("nd,nd->n", user_vec[session], world.item_latent[item]) + world.item_quality[item]
     )
-
-    def bern(bias: float, scale: float = 3.0) -> np.ndarray:
-        return (rng.random(n) < 1.0 / (1.0 + np.exp(-(scale * aff + bias)))).astype(np.int8)
-
-    duration = world.item_duration[item]
-    ratio = (1.0 / (1.0 + np.exp(-(3.0 * aff - 0.5 + rng.normal(0, 0.5, n))))) * 1.6
-    watch = (ratio * duration).astype(np.int64)
-    click = (ratio > 0.15).astype(np.int8)
-    like = bern(-3.0)
-    follow = bern(-5.5)
-    comment = bern(-4.5)
-    forward = bern(-5.0)
-    hate = bern(-4.5, scale=-3.0)
+    feedback = sample_feedback(aff, world.item_duration[item], rng)
+    watch = feedback["watch_ms"]
 
     # Events in a session follow each other (watch time plus a short pause); sessions are
     # separated by exponential gaps, so time order equals generation order.
@@ -328,14 +406,7 @@ def _user_events(
     events = {
         "item_idx": item,
         "timestamp": timestamp,
-        "watch_ms": watch,
-        "duration_ms": duration.astype(np.int64),
-        "click": click,
-        "like": like,
-        "follow": follow,
-        "comment": comment,
-        "forward": forward,
-        "hate": hate,
+        **{k: v for k, v in feedback.items() if k != "watch_ratio"},
     }
     return events, sub_traj[-1], w_traj[-1]
 
@@ -383,6 +454,9 @@ def generate(cfg: SyntheticConfig | None = None, progress: bool = False) -> Data
         "item_popularity": world.item_popularity,
         "sub_offsets": world.sub_offsets,
         "p_mix": np.array([cfg.p_interest, cfg.p_popular]),
+        "subtopic_latent": world.subtopic_latent,
+        "item_latent": world.item_latent,
+        "item_quality": world.item_quality,
     }
     return Dataset(
         name="synthetic",
