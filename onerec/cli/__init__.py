@@ -3,6 +3,7 @@
 * :mod:`onerec.cli.build` -- ``build``, the offline pipeline from data to a served model;
 * :mod:`onerec.cli.data` -- ``data synth|load`` and ``tokenize``;
 * :mod:`onerec.cli.model` -- ``train``, ``eval`` and ``export`` (torch);
+* :mod:`onerec.cli.align` -- ``reward``, the reward model (torch);
 * :mod:`onerec.cli.serving` -- ``serve``, ``triton``, ``recommend``, ``catalog``, ``features``;
 * :mod:`onerec.cli.bench` -- ``bench tokenizer|triton|pathways``.
 
@@ -16,11 +17,11 @@ import argparse
 import logging
 import sys
 
-from onerec.cli import bench, build, data, model, serving
+from onerec.cli import align, bench, build, data, model, serving
 from onerec.cli.common import console
 from onerec.data.schema import DataError
 
-GROUPS = (build, data, model, serving, bench)
+GROUPS = (build, data, model, align, serving, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,6 +35,10 @@ WEIGHTS: Mapping[str, float] = {
 }
 WATCH_WEIGHT = 1.0
 POSITIVE_THRESHOLD = 0.75
+# The reward model's heads (onerec.reward): the formula's watch term, then the flags; and
+# the weight of each in the P-Score, which is this formula applied to the heads' values.
+HEADS = ("watch", "click", "like", "follow", "comment", "forward", "hate")
+HEAD_WEIGHTS = np.array([WATCH_WEIGHT, *(WEIGHTS.get(h, 0.0) for h in HEADS[1:])], np.float32)
 
 
 def watch_ratio(watch_ms: np.ndarray, duration_ms: np.ndarray) -> np.ndarray:

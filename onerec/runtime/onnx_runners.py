@@ -4,7 +4,9 @@
 holds the decoder graph of each level, and its :class:`DecoderSearch` is the ``step_fn``
 of :func:`onerec.runtime.beam_search.constrained_beam_search` with a KV cache, so the
 search is the same code offline and online. The Triton encoder and decoder models each
-load only their half. CUDA is asked for only when ONNX Runtime reports it available.
+load only their half. :class:`OnnxReward` runs ``reward.onnx``, the reward model that
+scores a request's candidate items (:mod:`onerec.reward`). CUDA is asked for only when
+ONNX Runtime reports it available.
 """
 
 from __future__ import annotations
@@ -109,3 +111,28 @@ class OnnxOneRec:
         self.decoder = OnnxDecoder(decoder_directory or directory, threads)
         self.encode = self.encoder.encode
         self.search = self.decoder.search
+
+
+REWARD_INPUTS = ("static", "short_items", "pos_items", "candidates")
+
+
+class OnnxReward:
+    """``reward.onnx``: a request's static, short-term and positive pathways and its
+    candidates' item tokens (B, M) -> each head's value (B, M, H) and the P-Score (B, M)."""
+
+    def __init__(self, path: str | Path, threads: int = 0) -> None:
+        self.session = _session(Path(path), threads)
+
+    def score(
+        self,
+        static: np.ndarray,
+        short_items: np.ndarray,
+        pos_items: np.ndarray,
+        candidates: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        arrays = (static, short_items, pos_items, candidates)
+        feeds = {
+            n: np.ascontiguousarray(a, np.int64) for n, a in zip(REWARD_INPUTS, arrays, strict=True)
+        }
+        heads, pscore = self.session.run(None, feeds)
+        return heads, pscore
