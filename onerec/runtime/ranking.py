@@ -14,6 +14,11 @@ function takes vectors already scaled.
 
 Offline evaluation and the front end both order candidates with :func:`rank_candidates`,
 so the evaluated ranking is the served one.
+
+With a reward model (:mod:`onerec.reward`), :func:`rank_by_reward` is the one final
+ranking stage instead: the candidates' P-Score, the user's expected engagement with each,
+plus ``blend`` times the SID's log-probability, a weight fitted offline on validation
+events and stored with the reward model.
 """
 
 from __future__ import annotations
@@ -32,7 +37,18 @@ def rank_candidates(
     each candidate's SID. Ties keep the beam order.
     """
     vectors = table[np.maximum(tokens, 0)]  # (B, M, d)
-    scores = sid_logp + np.einsum("bmd,bd->bm", vectors, users, dtype=np.float32)
+    return _order(sid_logp + np.einsum("bmd,bd->bm", vectors, users, dtype=np.float32), tokens)
+
+
+def _order(scores: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scores = np.where(tokens >= 0, scores, np.float32(-np.inf))
     order = np.argsort(-scores, axis=1, kind="stable")
     return order, np.take_along_axis(scores, order, axis=1)
+
+
+def rank_by_reward(
+    pscore: np.ndarray, sid_logp: np.ndarray, tokens: np.ndarray, blend: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Order (B, M) and scores (B, M) of candidates by P-Score plus ``blend`` times their
+    SID's log-probability; -1 tokens sort last. Ties keep the beam order."""
+    return _order(pscore + np.float32(blend) * sid_logp, tokens)
