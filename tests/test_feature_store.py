@@ -320,7 +320,8 @@ def test_requests_never_run_kmeans_and_new_users_get_a_record_in_the_background(
     store.append("heavy", [_row(int(i), 1_000 + t) for t, i in enumerate(items)])
     builder = PathwayBuilder(store, CFG, vectors)
     built = builder.build("heavy", 10_000, np.zeros(0, np.int64))
-    assert built.source == "recent" and kmeans_threads == []
+    # The refresher may already be clustering; never on the request's own thread.
+    assert built.source == "recent" and threading.current_thread().name not in kmeans_threads
     np.testing.assert_array_equal(built.pathways["life_items"], items[-budget:] + 1)
     builder.refresher.drain()
     assert set(kmeans_threads) == {"lifelong-refresh"}
