@@ -15,11 +15,18 @@ over gRPC:
 * **beam sweep**: 64..512 beams at a fixed concurrency;
 * **lifelong sweep**: users with about 100..100,000 events: first call (compression) and
   warm calls (cached);
+* **reward selection**: at beam 128, concurrency 1 and the peak, the generator's order
+  beside the reward model's: QPS, p50/p99, and the reward stage's latency and share of
+  the model time;
 * **feature stores**: the same Triton behind a front end on SQLite, then on a real
   ``redis-server`` (Debian's package; skipped where it is missing), Recommend QPS and
   p99 at concurrency 1 and at the server's peak, and LogEvents' durable-write latency;
 * **batch-delay sweep**: Triton's ``max_queue_delay_microseconds`` for both models,
   changed through its repository API (a reload, no restart), at a fixed concurrency.
+
+Every sweep but the reward-selection one asks for the generator's order
+(``RANKING_GENERATION``): the harness counts the generator's FLOPs itself, which the
+server's own MFU is checked against, and the numbers stay comparable across runs.
 
 MFU = model FLOPs of the completed requests (``onerec.runtime.pathways.request_flops``: each
 request at its own pathway lengths, as the server counts them; checked against
@@ -57,6 +64,7 @@ from loadtest.net import free_ports, scrape
 from loadtest.pacing import on_schedule
 from onerec.experiment import load_item_tables, load_model
 from onerec.naive_serving import NaiveServing
+from onerec.runtime.layout import REWARD, REWARD_ONNX
 from onerec.runtime.pathways import request_flops
 from onerec.v1 import recommender_pb2 as pb
 from onerec.v1 import recommender_pb2_grpc as pb_grpc
@@ -72,6 +80,18 @@ GC_COLS = ["full_collections", "pause_ms", "bench_full_collections", "bench_paus
 BEAM_COLS = ["beam_width", "qps", "p50_ms", "p99_ms", "mfu", "c1_p50_ms", "c1_p99_ms"]
 LIFELONG_COLS = ["history", "user_history", "first_call_ms", "p50_ms", "p99_ms"]
 STORE_COLS = ["store", "concurrency", "qps", "p50_ms", "p95_ms", "p99_ms"]
+REWARD_COLS = [
+    "ranking",
+    "concurrency",
+    "qps",
+    "p50_ms",
+    "p99_ms",
+    "triton_ms",
+    "reward_ms",
+    "reward_p99_ms",
+    "reward_share",
+    "prom_mfu",
+]
 DELAY_COLS = ["max_queue_delay_us", "qps", "p50_ms", "p99_ms", "avg_batch_decoder"]
 
 
@@ -178,8 +198,17 @@ def user_flops(builder: PathwayBuilder, users: list[str], cfg, beams: list[int])
     return out
 
 
-def closed_loop(stub, users, flops_of, beam: int, clients: int, seconds: float) -> Level:
-    """``clients`` threads, each sending its next request as soon as the last returns."""
+def closed_loop(
+    stub,
+    users,
+    flops_of,
+    beam: int,
+    clients: int,
+    seconds: float,
+    ranking: int = pb.RANKING_GENERATION,
+) -> Level:
+    """``clients`` threads, each sending its next request as soon as the last returns.
+    The generator's order by default: its FLOPs are what ``flops_of`` counts."""
     lat: list[float] = []
     flops, errors, fallbacks = [0.0], [0], [0]
     lock = threading.Lock()
@@ -191,9 +220,8 @@ def closed_loop(stub, users, flops_of, beam: int, clients: int, seconds: float) 
             u = int(rng.integers(len(users)))
             started = time.perf_counter()
             try:
-                reply = stub.Recommend(
-                    pb.RecommendRequest(user_id=users[u], beam_width=beam), timeout=30
-                )
+                request = pb.RecommendRequest(user_id=users[u], beam_width=beam, ranking=ranking)
+                reply = stub.Recommend(request, timeout=30)
             except grpc.RpcError:
                 reply = None
             if reply is None or reply.degraded:  # a failure or a fallback: not the model
@@ -226,7 +254,10 @@ def open_loop(stub, users, beam: int, rate: float, seconds: float) -> Level:
     def call(due: float, rng: np.random.Generator) -> None:
         user = users[int(rng.integers(len(users)))]
         try:
-            reply = stub.Recommend(pb.RecommendRequest(user_id=user, beam_width=beam), timeout=30)
+            request = pb.RecommendRequest(
+                user_id=user, beam_width=beam, ranking=pb.RANKING_GENERATION
+            )
+            reply = stub.Recommend(request, timeout=30)
         except grpc.RpcError:
             reply = None
         with lock:
@@ -463,6 +494,30 @@ def store_sweep(stack: Stack, users, flops_of, clients: list[int], seconds: floa
     return {"rows": rows, "log_events": writes}
 
 
+def reward_selection(stack: Stack, users, flops_of, clients: list[int], seconds: float) -> dict:
+    """Reward selection's cost: at beam 128, per concurrency, the generator's order and
+    the reward model's, one after the other on the same stack. The reward model's share
+    of a request's model time is its stage over the Triton and reward stages together;
+    MFU with it is the server's own (the harness cannot count the candidates it scores)."""
+    if not (stack.repository / REWARD / "1" / REWARD_ONNX).is_file():
+        return {"skipped": "the model repository has no reward model"}
+    rows = []
+    for c in clients:
+        for name, ranking in (("generation", pb.RANKING_GENERATION), ("reward", pb.RANKING_REWARD)):
+            before = scrape(stack.metrics_port)
+            level = closed_loop(stack.stub, users, flops_of, 128, c, seconds, ranking)
+            after = scrape(stack.metrics_port)
+            mean, p99 = stage_split(before, after), stage_p99(before, after)
+            model_ms = (mean["triton"] or 0.0) + (mean["reward"] or 0.0)
+            row = {"ranking": name, "concurrency": c, **_row(level, stack.peak)}
+            row |= {"triton_ms": mean["triton"], "reward_ms": mean["reward"]}
+            row |= {"reward_p99_ms": p99["reward"], "prom_mfu": after[("onerec_mfu", ())]}
+            row["reward_share"] = (mean["reward"] or 0.0) / model_ms if model_ms else None
+            rows.append(row)
+            print(f"{name} c={c}: {row['qps']:.1f} QPS p99 {row['p99_ms']:.1f} ms", flush=True)
+    return {"rows": rows}
+
+
 def topup_rates(repository: Path, builder: PathwayBuilder, users: list[str]) -> dict:
     """The share of answers that the popularity top-up must complete (the search left
     fewer than ``count`` allowed items), for ``users``, offline with the served graphs and
@@ -601,8 +656,16 @@ def markdown(r: dict) -> str:
         f"{table(r['lifelong_sweep'], LIFELONG_COLS)}\n"
         f"## Triton batch delay (concurrency {r['beam_concurrency']}, beam 128)\n\n"
         f"{table(r['delay_sweep'], DELAY_COLS)}\n"
+        f"{reward_markdown(r['reward_selection'], table)}"
         f"{store_markdown(r['store_sweep'], table)}"
     )
+
+
+def reward_markdown(section: dict, table) -> str:
+    head = "## Reward selection (beam 128, closed loop)\n\n"
+    if section.get("skipped"):
+        return f"{head}Not run: {section['skipped']}\n\n"
+    return f"{head}{table(section['rows'], REWARD_COLS)}\n"
 
 
 def store_markdown(sweep: dict, table) -> str:
@@ -738,6 +801,9 @@ def main(argv: list[str] | None = None) -> int:
                     "p99_ms": float(np.percentile(ms, 99)),
                 }
             )
+        report["reward_selection"] = reward_selection(
+            stack, users, flops_of, sorted({1, best["concurrency"]}), args.seconds
+        )
         report["store_sweep"] = store_sweep(
             stack, users, flops_of, sorted({1, best["concurrency"]}), args.seconds
         )

@@ -53,6 +53,7 @@ from onerec.runtime.engagement import (
     is_positive,
     watch_ratio,
 )
+from onerec.runtime.reward import RewardMeta
 from onerec.train import ItemTables
 from onerec.train_config import RewardConfig
 
@@ -447,4 +448,17 @@ def reward_parity(model: RewardModel, runner, exposures: Exposures, width: int =
     heads, pscore = runner.score(*inputs)
     return float(
         max(np.abs(heads - heads_t.numpy()).max(), np.abs(pscore - pscore_t.numpy()).max())
+    )
+
+
+def reward_meta(model: RewardModel, blend: float) -> RewardMeta:
+    """What serving reads beside ``reward.onnx``."""
+    cards = np.diff(np.r_[model.static_offsets.numpy(), model.static.num_embeddings])
+    return RewardMeta(
+        d=model.cfg.d,
+        hidden=model.cfg.hidden,
+        pos_len=model.cfg.pos_len,
+        n_items=model.n_items,
+        static_cardinalities=tuple(int(c) for c in cards),
+        blend=blend,
     )

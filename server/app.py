@@ -39,8 +39,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from onerec.runtime.config import OneRecConfig
-from onerec.runtime.layout import ENCODER, ITEM_TABLE, MODEL_ITEMS, catalog_dir
+from onerec.runtime.layout import (
+    ENCODER,
+    ITEM_TABLE,
+    MODEL_ITEMS,
+    REWARD,
+    REWARD_JSON,
+    catalog_dir,
+)
 from onerec.runtime.model_items import ModelItems
+from onerec.runtime.reward import RewardMeta
 from onerec.v1 import recommender_pb2
 from server.catalog import CatalogReader
 from server.feature_store import StoreUnavailable, open_store
@@ -92,6 +100,11 @@ class Settings:
     limits: Limits = field(
         default_factory=lambda: Limits(max_count=int(_env("ONEREC_MAX_COUNT", "100")))
     )
+    # Order answers by the reward model where the repository has one (a request may ask
+    # for either order); off: the generator's order unless a request asks otherwise.
+    reward_selection: bool = field(
+        default_factory=lambda: _env("ONEREC_REWARD_SELECTION", "1") not in ("0", "false", "off")
+    )
 
     def store(self) -> str:
         return str(self.feature_store or self.artifacts / "features.sqlite")
@@ -138,6 +151,11 @@ def build_context(s: Settings, model: TritonModel, metrics: Metrics) -> Context:
         raise ValueError(f"{s.repository}: item table {table.shape} does not fit the model")
     store = open_store(s.store())
     item_index = items.index()
+    reward = None
+    if (meta := s.repository / REWARD / "1" / REWARD_JSON).is_file():
+        reward = RewardMeta.load(meta)
+        if reward.n_items != cfg.n_items:
+            raise ValueError(f"{meta}: a reward model of {reward.n_items} items, not {cfg.n_items}")
     return Context(
         cfg=cfg,
         store=store,
@@ -150,6 +168,8 @@ def build_context(s: Settings, model: TritonModel, metrics: Metrics) -> Context:
         durations=items.duration_ms,
         model_name=model_name(s.repository),
         max_inflight=s.max_inflight,
+        reward=reward,
+        reward_selection=s.reward_selection,
     )
 
 

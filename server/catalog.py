@@ -104,6 +104,25 @@ class CatalogView:
         seen = np.isin(self.model_idx[rows], seen_idx) & (self.model_idx[rows] >= 0)
         return ~seen & ~np.isin(self.item_ids[rows], excluded_ids)
 
+    def candidates(
+        self,
+        sids: np.ndarray,
+        sid_logp: np.ndarray,
+        seen_idx: np.ndarray,
+        excluded_ids: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """(C, L) decoded SIDs with their (C,) log-probabilities -> the allowed items they
+        reach (rows, in beam order, collisions in collision-rank order), each with its
+        SID's log-probability, and the number of SIDs that map to no item (illegal)."""
+        valid = sids[:, 0] >= 0
+        leaves, leaf_logp = self.index.trie.leaf_of(sids[valid]), sid_logp[valid]
+        legal = leaves >= 0
+        rows, source = (a[0] for a in self.index.expand(leaves[legal][None]))
+        logp = leaf_logp[legal][source[rows >= 0]]
+        rows = rows[rows >= 0]
+        keep = self.allowed(rows, seen_idx, excluded_ids)
+        return rows[keep], logp[keep], int((~legal).sum())
+
     def rank(
         self,
         sids: np.ndarray,
@@ -113,21 +132,13 @@ class CatalogView:
         excluded_ids: np.ndarray,
         count: int,
     ) -> tuple[np.ndarray, np.ndarray, int]:
-        """(C, L) decoded SIDs with their (C,) log-probabilities, and the (d,) user vector
-        -> (rows, scores) of the best ``count`` allowed items, and the number of SIDs that
-        map to no item (illegal)."""
+        """:meth:`candidates` ordered by the generator's ranking stage with the (d,) user
+        vector: (rows, scores) of the best ``count``, and the illegal SIDs' number."""
         if user.shape != self.table.shape[1:]:
             raise ValueError(f"user vector {user.shape}, item table {self.table.shape}")
-        valid = sids[:, 0] >= 0
-        leaves, leaf_logp = self.index.trie.leaf_of(sids[valid]), sid_logp[valid]
-        legal = leaves >= 0
-        rows, source = (a[0] for a in self.index.expand(leaves[legal][None]))
-        logp = leaf_logp[legal][source[rows >= 0]]
-        rows = rows[rows >= 0]
-        keep = self.allowed(rows, seen_idx, excluded_ids)
-        rows, logp = rows[keep], logp[keep]
+        rows, logp, illegal = self.candidates(sids, sid_logp, seen_idx, excluded_ids)
         order, scores = rank_candidates(user[None], self.table, self.tokens[rows][None], logp[None])
-        return rows[order[0]][:count], scores[0][:count], int((~legal).sum())
+        return rows[order[0]][:count], scores[0][:count], illegal
 
     def popular(self, seen_idx: np.ndarray, excluded_ids: np.ndarray, count: int) -> np.ndarray:
         """The ``count`` most popular allowed rows (the fallback answer)."""

@@ -18,7 +18,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2, 5)
-STAGES = ("features", "lifelong", "triton", "catalog")
+STAGES = ("features", "lifelong", "triton", "catalog", "reward")
 FALLBACKS = ("cold_start", "feature_store_unavailable", "model_unavailable")
 
 
@@ -134,6 +134,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.reward_skipped = Counter(
+            "onerec_reward_skipped",
+            "model answers ordered by the generator alone because the reward model did not "
+            "answer in time",
+            registry=r,
+        )
         self.inflight = Gauge("onerec_inflight", "calls being served now", registry=r)
         peak = Gauge("onerec_peak_flops", "peak FLOP/s that MFU is relative to", registry=r)
         peak.set(peak_flops)
@@ -147,6 +153,7 @@ class Metrics:
         self.illegal.inc(0)
         self.triton_restarts.inc(0)
         self.topped_up.inc(0)
+        self.reward_skipped.inc(0)
 
     def watch_gc(self) -> None:
         """Time every collection into ``onerec_gc_pause_seconds``: a full collection of a

@@ -8,9 +8,13 @@ Recommend, stage by stage (each timed into ``onerec_stage_latency_seconds``):
 4. lifelong: the cached or fresh k-means compression of the whole history;
 5. triton: the ``onerec`` ensemble, bounded by the caller's remaining deadline;
 6. catalog: SIDs -> items with the decoder's own catalog version, seen and excluded
-   items removed, ordered by SID log-probability plus the user vector's score (the
-   ranking stage, onerec.runtime.ranking), topped up from popularity if filtering left fewer than
-   ``count``.
+   items removed;
+7. reward: where the model has a reward model and the request or the server's setting
+   asks for it, the reward model (its own Triton model) scores every candidate, and the
+   P-Score blended with the SID's log-probability orders them; otherwise, or when the
+   reward model does not answer in time, the generator's order does: the SID
+   log-probability plus the user vector's score (onerec.runtime.ranking). The answer is
+   topped up from popularity if filtering left fewer than ``count``.
 
 Fallbacks answer instead of failing: an unknown user gets popular items
 (``cold_start``); a feature store that does not answer gets popular items minus the
@@ -37,6 +41,8 @@ from google.protobuf.message import DecodeError
 from onerec.runtime.config import OneRecConfig
 from onerec.runtime.engagement import is_positive
 from onerec.runtime.pathways import request_flops
+from onerec.runtime.ranking import rank_by_reward, rank_candidates
+from onerec.runtime.reward import RewardMeta
 from onerec.v1 import recommender_pb2 as pb
 from onerec.v1 import recommender_pb2_grpc as pb_grpc
 from server.catalog import CatalogReader, CatalogView
@@ -73,6 +79,8 @@ class Context:
     durations: np.ndarray  # (n_items,) ms, for inline and logged events
     model_name: str
     max_inflight: int
+    reward: RewardMeta | None = None  # None: the model has no reward model
+    reward_selection: bool = True  # the default order: by the reward model where there is one
 
 
 class Throttled:
@@ -111,6 +119,15 @@ class Prepared:
     excluded: np.ndarray  # ids never to return: requested, inline, unknown to the model
     exclude_sids: np.ndarray | None  # SIDs the decoder must not return
     fallback: str = ""  # cold_start | feature_store_unavailable, when built is None
+
+
+@dataclass(frozen=True)
+class Found:
+    """Decoded SIDs as the answer's candidate items, before the final ranking."""
+
+    answer: CatalogView  # the catalog version that decoded them
+    rows: np.ndarray  # allowed items, beam order
+    logp: np.ndarray  # each one's SID log-probability
 
 
 @dataclass(frozen=True)
@@ -157,6 +174,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         # hangs then costs one timeout, not one per call.
         self.store_ready = True
         self._triton_down_log, self._store_down_log = Throttled(), Throttled()
+        self._reward_down_log = Throttled()
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -210,6 +228,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         ctx, m = self.ctx, self.ctx.metrics
         now_ms = int(time.time() * 1000)
         count, beam = check_recommend(request, ctx.limits, now_ms)
+        by_reward = self._by_reward(request.ranking)
         inline = inline_history(request.events, ctx.item_index, ctx.durations)
         excluded = np.array(
             [*request.exclude_item_ids, *(e.item_id for e in request.events)], dtype=str
@@ -233,16 +252,62 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             raise
         finally:
             m.stage.labels("triton").observe(time.perf_counter() - started)
+        flops = request_flops(ctx.cfg, beam, pathways)
+        started = time.perf_counter()
         try:
-            ids, scores, sids = await asyncio.to_thread(self._map, prep, decoded, count)
+            if by_reward:  # two hops around the reward model's call
+                found = await asyncio.to_thread(self._found, prep, decoded)
+                catalog_s = time.perf_counter() - started
+                pscore = await self._pscore(pathways, found, context)
+                if pscore is not None:
+                    flops += ctx.reward.flops(len(found.rows), len(pathways["short_items"]))
+                started = time.perf_counter()
+                answer = await asyncio.to_thread(
+                    self._answer, prep, found, decoded.user, pscore, count
+                )
+            else:
+                catalog_s = 0.0
+                answer = await asyncio.to_thread(self._map, prep, decoded, count)
         except (OSError, ValueError) as e:  # the decoder's catalog version is unreadable
             log.error("catalog v%d unavailable: %s", decoded.catalog_version, e)
             return await self._fallback(prep, "model_unavailable", count, request.request_id)
-        flops = request_flops(ctx.cfg, beam, pathways)
+        m.stage.labels("catalog").observe(catalog_s + time.perf_counter() - started)
+        ids, scores, sids, ranking = answer
         m.flops.inc(flops)
         m.window.add(flops)
         version = decoded.catalog_version  # the catalog that decoded and mapped them
-        return self._response(ids, scores, sids, version, "", request.request_id)
+        return self._response(ids, scores, sids, version, "", request.request_id, ranking)
+
+    def _by_reward(self, ranking: int) -> bool:
+        """Whether the reward model orders this answer: the request's choice, else the
+        server's setting, where the model has a reward model."""
+        if ranking == pb.RANKING_GENERATION:
+            return False
+        if ranking == pb.RANKING_REWARD:
+            if self.ctx.reward is None:
+                raise Invalid("ranking: RANKING_REWARD, but the served model has no reward model")
+            return True
+        return self.ctx.reward is not None and self.ctx.reward_selection
+
+    async def _pscore(self, pathways, found: Found, context) -> np.ndarray | None:
+        """The candidates' P-Scores, or None (the generator's order answers) when the
+        reward model does not answer in time."""
+        if not len(found.rows):
+            return None
+        m = self.ctx.metrics
+        started = time.perf_counter()
+        try:
+            return await self.ctx.model.reward(
+                pathways,
+                found.answer.tokens[found.rows],
+                triton_budget(context.time_remaining()),
+            )
+        except TritonUnavailable as e:
+            m.reward_skipped.inc()
+            self._reward_down_log.warning("reward model unavailable: %s", e)
+            return None
+        finally:
+            m.stage.labels("reward").observe(time.perf_counter() - started)
 
     def _prepare(self, user: str, now_ms: int, inline, excluded: np.ndarray) -> Prepared:
         """Profile, the live catalog and the four pathways (blocking: a worker thread)."""
@@ -275,30 +340,48 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         return Prepared(view, built, built.seen, excluded, view.exclusion_sids(avoid))
 
     def _map(self, prep: Prepared, decoded, count: int):
-        """Decoded SIDs -> the answer's items, with the decoder's own catalog version;
-        topped up from popularity if filtering left fewer than ``count``."""
+        """Decoded SIDs -> the answer in the generator's order (one thread hop)."""
+        return self._answer(prep, self._found(prep, decoded), decoded.user, None, count)
+
+    def _found(self, prep: Prepared, decoded) -> Found:
+        """Decoded SIDs -> the allowed items they reach, in the decoder's own catalog
+        version, less any the live catalog has removed since."""
         m, view = self.ctx.metrics, prep.view
-        started = time.perf_counter()
         answer = self.ctx.catalog.get(decoded.catalog_version)
-        seen, excluded = prep.seen, prep.excluded
-        rows, scores, illegal = answer.rank(
-            decoded.sids, decoded.scores, decoded.user, seen, excluded, count
+        rows, logp, illegal = answer.candidates(
+            decoded.sids, decoded.scores, prep.seen, prep.excluded
         )
         if illegal:
             m.illegal.inc(illegal)
             log.error("%d decoded SIDs map to no item in catalog v%d", illegal, answer.version)
         if answer.version != view.version:  # the decoder lags the live catalog: never
             live = view.holds(answer.item_ids[rows])  # return what it has since removed
-            rows, scores = rows[live], scores[live]
+            rows, logp = rows[live], logp[live]
+        return Found(answer, rows, logp)
+
+    def _answer(self, prep: Prepared, found: Found, user, pscore, count: int):
+        """The best ``count`` candidates by the P-Score (blended) where given, else by the
+        generator's ranking stage; topped up from popularity if too few are left."""
+        m, view, answer = self.ctx.metrics, prep.view, found.answer
+        tokens = answer.tokens[found.rows][None]
+        if pscore is not None:
+            blend = self.ctx.reward.blend
+            order, scores = rank_by_reward(pscore[None], found.logp[None], tokens, blend)
+            ranking = "reward"
+        else:
+            if user.shape != answer.table.shape[1:]:
+                raise ValueError(f"user vector {user.shape}, item table {answer.table.shape}")
+            order, scores = rank_candidates(user[None], answer.table, tokens, found.logp[None])
+            ranking = "generation"
+        rows, scores = found.rows[order[0]][:count], scores[0][:count]
         ids, sids = answer.item_ids[rows], answer.sids[rows]
         if len(rows) < count:  # the decoder ran out of allowed SIDs: top up from popularity
             m.topped_up.inc()
-            fill = view.popular(seen, np.concatenate([excluded, ids]), count - len(rows))
+            fill = view.popular(prep.seen, np.concatenate([prep.excluded, ids]), count - len(rows))
             ids = np.concatenate([ids, view.item_ids[fill]])
             sids = np.concatenate([sids, view.sids[fill]])
             scores = np.concatenate([scores, below(scores, len(fill))])
-        m.stage.labels("catalog").observe(time.perf_counter() - started)
-        return ids, scores, sids
+        return ids, scores, sids, ranking
 
     async def _fallback(self, prep: Prepared, reason: str, count: int, request_id: str):
         self.ctx.metrics.fallback.labels(reason).inc()
@@ -307,10 +390,18 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         rows = await asyncio.to_thread(view.popular, prep.seen, prep.excluded, count)
         scores = np.log1p(np.arange(len(rows), 0, -1, dtype=np.float32))  # rank-based
         return self._response(
-            view.item_ids[rows], scores, view.sids[rows], view.version, reason, request_id
+            view.item_ids[rows],
+            scores,
+            view.sids[rows],
+            view.version,
+            reason,
+            request_id,
+            "popularity",
         )
 
-    def _response(self, ids, scores, sids, version: int, degraded: str, request_id: str):
+    def _response(
+        self, ids, scores, sids, version: int, degraded: str, request_id: str, ranking: str
+    ):
         items = [
             pb.RecommendedItem(item_id=str(item), score=float(score), semantic_id=sid.tolist())
             for item, score, sid in zip(ids, scores, sids, strict=True)
@@ -320,6 +411,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             model_version=f"{self.ctx.model_name}:catalog-v{version}",
             degraded=degraded,
             request_id=request_id,
+            ranking=ranking,
         )
 
     # -- LogEvents --------------------------------------------------------------------

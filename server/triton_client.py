@@ -24,6 +24,7 @@ from onerec.runtime.pathways import PATHWAY_INPUTS
 
 ENSEMBLE = "onerec"
 OUTPUTS = ("sids", "scores", "catalog_version", "user")
+REWARD_MODEL = "onerec_reward"
 
 
 def _tensor(name: str, array: np.ndarray) -> grpcclient.InferInput:
@@ -162,6 +163,38 @@ class TritonModel:
                 raise TritonRejected(e.message()) from e
             raise TritonUnavailable(f"{e.status()}: {e.message()}") from e
         except Exception as e:  # channel errors, or a reply without the outputs
+            raise TritonUnavailable(f"{type(e).__name__}: {e}") from e
+
+    async def reward(
+        self,
+        pathways: dict[str, np.ndarray],
+        candidates: np.ndarray,
+        timeout_s: float,
+    ) -> np.ndarray:
+        """(M,) P-Scores of one user's candidate item tokens, from the reward model; its
+        dynamic batcher scores concurrent requests together."""
+        if timeout_s <= 0:
+            raise TritonUnavailable("no time left before the caller's deadline")
+        arrays = {
+            "static": pathways["static"],
+            "short_items": pathways["short_items"],
+            "pos_items": pathways["pos_items"],
+            "candidates": candidates,
+        }
+        try:
+            result = await self.client.infer(
+                REWARD_MODEL,
+                [_tensor(n, np.asarray(a, np.int64)[None]) for n, a in arrays.items()],
+                outputs=[grpcclient.InferRequestedOutput("pscore")],
+                client_timeout=timeout_s,
+                timeout=int(timeout_s * 1e6),
+            )
+            return result.as_numpy("pscore")[0]
+        except InferenceServerException as e:
+            if "INVALID_ARG" in str(e.status()):
+                raise TritonRejected(e.message()) from e
+            raise TritonUnavailable(f"{e.status()}: {e.message()}") from e
+        except Exception as e:
             raise TritonUnavailable(f"{type(e).__name__}: {e}") from e
 
     async def probe(self, cfg: OneRecConfig, timeout_s: float = 5.0) -> bool:

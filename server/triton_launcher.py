@@ -35,10 +35,21 @@ from pathlib import Path
 
 import tritonclient.http as httpclient
 
+from onerec.runtime.layout import DECODER, ENCODER, ENSEMBLE, REWARD, REWARD_ONNX
+
 log = logging.getLogger(__name__)
 triton_log = logging.getLogger(f"{__name__}.tritonserver")  # its own lines, by severity
 
-MODELS = ("onerec_encoder", "onerec_decoder", "onerec")
+MODELS = (ENCODER, DECODER, ENSEMBLE)
+
+
+def served_models(repository: Path) -> tuple[str, ...]:
+    """The models to load: the three that decode, and the reward model where the build
+    wrote one (its directory is tracked, its ONNX file is not)."""
+    reward = (Path(repository) / REWARD / "1" / REWARD_ONNX).is_file()
+    return (*MODELS, REWARD) if reward else MODELS
+
+
 PR_SET_PDEATHSIG = 1
 # Looked up now: after fork, the child must not take the locks a ctypes lookup needs.
 _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
@@ -119,7 +130,7 @@ def triton_command(
         f"--grpc-port={ports.grpc}",
         f"--metrics-port={ports.metrics}",
         "--model-control-mode=explicit",
-        "--load-model=*",
+        *(f"--load-model={m}" for m in served_models(repository)),
         f"--log-verbose={log_verbose}",
         "--exit-on-error=true",
         "--strict-readiness=true",
@@ -202,7 +213,8 @@ class TritonProcess:
                     tail = "\n".join(list(self.lines)[-30:])
                     raise RuntimeError(f"tritonserver exited with {self.proc.returncode}:\n{tail}")
                 try:
-                    if client.is_server_ready() and all(client.is_model_ready(m) for m in MODELS):
+                    models = served_models(self.repository)
+                    if client.is_server_ready() and all(client.is_model_ready(m) for m in models):
                         break
                 except Exception:  # connection refused while it starts
                     pass

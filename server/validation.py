@@ -17,6 +17,7 @@ MAX_BEAM_WIDTH = 512
 CLOCK_SKEW_MS = 60_000  # events may be this far ahead of the server's clock
 MAX_WATCH_MS = 24 * 3600 * 1000
 MIN_TIMESTAMP_MS = 946_684_800_000  # 2000-01-01: anything earlier is a unit mistake
+RANKINGS = (0, 1, 2)  # onerec.v1.Ranking: default, reward, generation
 
 
 class Invalid(ValueError):
@@ -74,6 +75,8 @@ def check_recommend(request, limits: Limits, now_ms: int) -> tuple[int, int]:
     for i, item in enumerate(request.exclude_item_ids):
         check_id(item, f"exclude_item_ids[{i}]")
     check_request_id(request.request_id)
+    if request.ranking not in RANKINGS:
+        raise Invalid(f"ranking: unknown value {request.ranking}")
     return count, beam
 
 

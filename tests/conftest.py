@@ -76,8 +76,8 @@ TINY_SIZES = {"d_model": 32, "d_ff": 64, "d_expert": 64, "lifelong_len": 50, "po
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory):
-    """A tiny randomly initialised model in a model repository, with its feature store,
-    served by the real tritonserver on free ports for the whole session.
+    """A tiny randomly initialised model and reward model in a model repository, with its
+    feature store, served by the real tritonserver on free ports for the whole session.
 
     Yields (TritonProcess, Dataset, OneRecConfig, repository, artefacts).
     """
@@ -87,8 +87,10 @@ def served(tmp_path_factory):
     from onerec.experiment import load_item_tables
     from onerec.feature_load import load_store
     from onerec.repository import model_items, write_model_repository
+    from onerec.reward import build_reward_model
     from onerec.semantic_ids import load_item_sids
     from onerec.train import build_model, model_config
+    from onerec.train_config import RewardConfig
     from server.triton_client import probe
     from server.triton_launcher import TritonPorts, TritonProcess
 
@@ -100,7 +102,9 @@ def served(tmp_path_factory):
     torch.manual_seed(0)
     repo = root / "repo"
     model = build_model(cfg, cat).eval()
-    write_model_repository(model, load_item_sids(art / "tokenizer"), model_items(art), repo)
+    reward = build_reward_model(ds, cat, 16, RewardConfig(d=16, hidden=32)).eval()
+    items = load_item_sids(art / "tokenizer")
+    write_model_repository(model, items, model_items(art), repo, reward=reward)
     (art / "model").mkdir()  # the same weights for in-process use (the bench's baseline)
     torch.save(
         {"model": model.state_dict(), "model_config": asdict(cfg)}, art / "model" / "checkpoint.pt"

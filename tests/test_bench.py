@@ -82,6 +82,14 @@ def test_bench_runs_end_to_end_and_writes_the_report(served, redis_binary, tmp_p
         assert row["qps"] > 0 and row["errors_or_fallbacks"] == 0
     assert set(stores["log_events"]) == {"sqlite", "redis"}
     assert all(w["p99_ms"] >= w["p50_ms"] > 0 for w in stores["log_events"].values())
+    selection = report["reward_selection"]["rows"]
+    got = [(r["ranking"], r["concurrency"]) for r in selection]
+    assert got == [(name, c) for c in levels for name in ("generation", "reward")]
+    for row in selection:
+        assert row["qps"] > 0 and row["errors_or_fallbacks"] == 0
+        assert (row["reward_ms"] is None) == (row["ranking"] == "generation")
+    assert all(0 < r["reward_share"] < 1 for r in selection if r["ranking"] == "reward")
     assert "SQLite vs Redis" in (tmp_path / "bench.md").read_text()
+    assert "Reward selection" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.md").read_text().startswith("# Benchmark")
     assert (tmp_path / "bench_latency_qps.png").stat().st_size > 0

@@ -36,7 +36,7 @@ def _loaded_after(code: str) -> set[str]:
             for path in sorted((ROOT / "model_repository").glob("*/1/model.py"))
         ),
     ],
-    ids=["front end", "decoder model.py", "encoder model.py"],
+    ids=["front end", "decoder model.py", "encoder model.py", "reward model.py"],
 )
 def test_the_request_path_loads_no_offline_module(code: str) -> None:
     assert _loaded_after(code) == set()

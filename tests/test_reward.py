@@ -122,3 +122,24 @@ def test_the_onnx_export_matches_torch(trained, tmp_path) -> None:
     assert reward_parity(model, runner, exposures) <= 1e-4
     longer = replace(exposures, pos_items=np.pad(exposures.pos_items, ((0, 0), (0, 200))))
     assert reward_parity(model, runner, longer) <= 1e-4  # a request's 256 positives
+
+
+def test_the_served_flop_count_matches_torchs(trained) -> None:
+    """MFU counts the reward stage by RewardMeta.flops; torch counts what runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from onerec.reward import ServedReward, reward_meta
+
+    model, log, _ = trained
+    served = ServedReward(model)
+    exposures = log.exposures(log.test_rows[:3])
+    candidates = np.tile(exposures.items[:, None], (1, 37))
+    inputs = (exposures.static, exposures.short_items, exposures.pos_items, candidates)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        served(*(torch.from_numpy(np.ascontiguousarray(a)) for a in inputs))
+    meta = reward_meta(model, blend=0.0)
+    assert counter.get_total_flops() == 3 * meta.flops(37, exposures.short_items.shape[1])
+    assert (
+        meta.static_cardinalities == tuple(int(c) + 1 for c in exposures.static.max(0))
+        or len(meta.static_cardinalities) == exposures.static.shape[1]
+    )

@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+import tritonclient.http as httpclient
 from conftest import SERVING, Server, free_ports
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -33,7 +34,9 @@ from onerec.cli.build import load_features
 from onerec.event_arrays import EventArrays
 from onerec.experiment import load_item_tables, load_model
 from onerec.runtime import catalog
-from onerec.runtime.layout import ENCODER, catalog_dir
+from onerec.runtime.layout import ENCODER, REWARD, REWARD_ONNX, catalog_dir
+from onerec.runtime.onnx_runners import OnnxReward
+from onerec.runtime.pathways import build_pathways
 from onerec.v1 import recommender_pb2 as pb
 from onerec.v1 import recommender_pb2_grpc as pb_grpc
 from server.feature_store import SQLiteFeatureStore
@@ -103,8 +106,11 @@ def test_item_scores_add_the_user_vectors_score_to_the_sids_log_probability(serv
         newest = torch.from_numpy(h.items[::-1][: cfg.short_len].copy() + 1)[None]
         with torch.no_grad():
             user = model.user(newest)[0].numpy()
-        r = stub.Recommend(pb.RecommendRequest(user_id=_user(served, i), count=10))
-        assert r.degraded == "" and len(r.items) == 10
+        request = pb.RecommendRequest(
+            user_id=_user(served, i), count=10, ranking=pb.RANKING_GENERATION
+        )
+        r = stub.Recommend(request)
+        assert r.degraded == "" and len(r.items) == 10 and r.ranking == "generation"
         scores = np.array([item.score for item in r.items])
         assert (np.diff(scores) <= 0).all()
         logp = scores - table[[index[item.item_id] + 1 for item in r.items]] @ user
@@ -112,6 +118,59 @@ def test_item_scores_add_the_user_vectors_score_to_the_sids_log_probability(serv
         by_sid: dict[tuple, float] = {}
         for item, value in zip(r.items, logp, strict=True):
             assert abs(by_sid.setdefault(tuple(item.semantic_id), value) - value) < 1e-4
+
+
+def test_by_default_the_reward_model_orders_the_answer_by_each_items_pscore(served, front) -> None:
+    """Reward selection, checked from outside: with the build's blend of 0, each item's
+    score is the P-Score that reward.onnx gives it for the user's own pathways, and the
+    answer is in that order; asked for, the generator's order answers instead."""
+    _, ds, cfg, repo, art = served
+    server, stub = front
+    reward = OnnxReward(repo / REWARD / "1" / REWARD_ONNX, threads=1)
+    index = {item: i for i, item in enumerate(ds.items["item_id"].astype(str))}
+    events = EventArrays.from_dataset(ds)
+    static = ds.users[ds.static_feature_columns()].to_numpy(np.int64)
+    vectors = load_item_tables(art)[1].vectors
+    reordered = 0
+    for i in (4, 17, 30):
+        user = _user(served, i)
+        r = stub.Recommend(pb.RecommendRequest(user_id=user, count=20))
+        assert r.degraded == "" and len(r.items) == 20 and r.ranking == "reward"
+        scores = np.array([item.score for item in r.items])
+        assert (np.diff(scores) <= 0).all()
+        p = build_pathways(events.user(i), int(time.time() * 1000), static[i], vectors, cfg)
+        tokens = np.array([[index[item.item_id] + 1 for item in r.items]])
+        _, pscore = reward.score(
+            p["static"][None], p["short_items"][None], p["pos_items"][None], tokens
+        )
+        np.testing.assert_allclose(scores, pscore[0], atol=1e-5)
+        generation = pb.RecommendRequest(user_id=user, count=20, ranking=pb.RANKING_GENERATION)
+        g = stub.Recommend(generation)
+        assert g.ranking == "generation"
+        reordered += [x.item_id for x in g.items] != [x.item_id for x in r.items]
+    assert reordered  # the two stages disagree somewhere, or this test could not tell them apart
+    text = server.metrics()
+    assert _gauge(text, 'onerec_stage_latency_seconds_count{stage="reward"}') >= 3
+    assert _gauge(text, "onerec_reward_skipped_total") == 0
+
+
+def test_a_reward_model_that_is_away_leaves_the_generators_order(served, front) -> None:
+    """The reward model unloaded from Triton: answers keep coming, in the generator's
+    order, and are counted; once it is back, it orders them again."""
+    triton, *_ = served
+    server, stub = front
+    request = pb.RecommendRequest(user_id=_user(served, 8), count=10)
+    with httpclient.InferenceServerClient(triton.http_url) as client:
+        client.unload_model(REWARD)
+        try:
+            while client.is_model_ready(REWARD):
+                time.sleep(0.1)
+            r = stub.Recommend(request)
+            assert r.degraded == "" and len(r.items) == 10 and r.ranking == "generation"
+            assert _gauge(server.metrics(), "onerec_reward_skipped_total") >= 1
+        finally:
+            client.load_model(REWARD)
+    assert stub.Recommend(request).ranking == "reward"
 
 
 def test_exclusions_and_inline_events_are_never_returned(served, front) -> None:
@@ -168,6 +227,7 @@ BAD_RECOMMEND = [
         "events[0].watch_ms",
     ),
     ({"events": [pb.Event(item_id="x", timestamp_ms=1_700_000_000_000)] * 300}, "events"),
+    ({"ranking": 7}, "ranking"),
 ]
 
 
@@ -199,7 +259,15 @@ def test_bad_log_events_are_invalid_argument(front, fields, name) -> None:
     assert err.value.details().startswith(name)
 
 
-KNOWN_FIELDS = ("user_id", "count", "beam_width", "events", "exclude_item_ids", "request_id")
+KNOWN_FIELDS = (
+    "user_id",
+    "count",
+    "beam_width",
+    "events",
+    "exclude_item_ids",
+    "request_id",
+    "ranking",
+)
 texts = st.text(max_size=300)
 events = st.builds(
     pb.Event,
@@ -217,6 +285,7 @@ requests = st.builds(
     events=st.lists(events, max_size=300),
     exclude_item_ids=st.lists(texts, max_size=5),
     request_id=texts,
+    ranking=st.integers(-(2**31), 2**31 - 1) | st.sampled_from([0, 1, 2]),
 )
 
 
@@ -716,3 +785,31 @@ def test_two_front_ends_share_one_redis(served, redis_server, tmp_path) -> None:
             channel.close()
         a.stop()
         b.stop()
+
+
+@pytest.mark.parametrize(
+    ("ranking", "has_reward", "selection", "want"),
+    [
+        (pb.RANKING_DEFAULT, True, True, True),
+        (pb.RANKING_DEFAULT, True, False, False),
+        (pb.RANKING_DEFAULT, False, True, False),
+        (pb.RANKING_GENERATION, True, True, False),
+        (pb.RANKING_REWARD, True, False, True),
+        (pb.RANKING_REWARD, False, True, "ranking"),
+    ],
+)
+def test_who_orders_an_answer(ranking, has_reward, selection, want) -> None:
+    """The request's choice, else the server's setting; asking for the reward model's
+    order where there is none is a bad argument, named."""
+    from types import SimpleNamespace
+
+    from server.service import RecommenderService
+    from server.validation import Invalid
+
+    ctx = SimpleNamespace(reward=object() if has_reward else None, reward_selection=selection)
+    service = RecommenderService(ctx)
+    if isinstance(want, str):
+        with pytest.raises(Invalid, match=f"^{want}:"):
+            service._by_reward(ranking)
+    else:
+        assert service._by_reward(ranking) is want

@@ -1,7 +1,8 @@
 """``onerec build``: the offline pipeline, stage by stage, each reused when present.
 
-data set -> item embeddings and semantic IDs -> trained model -> Triton model repository
-(ONNX, the model's items, the catalog) -> the feature store's initial contents.
+data set -> item embeddings and semantic IDs -> trained model -> reward model (P-Score)
+-> Triton model repository (ONNX, the model's items, the catalog, the reward model) -> the
+feature store's initial contents.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from onerec.cli.common import (
 from onerec.data.schema import Dataset
 from onerec.runtime.config import OneRecConfig
 from onerec.runtime.layout import DECODER, ENCODER, MODEL_ITEMS, TEMPLATE
-from onerec.train_config import TrainConfig
+from onerec.train_config import RewardConfig, TrainConfig
 
 STAGES = ("data", "tokenizer", "model", "repository")
 
@@ -100,6 +101,7 @@ def _build_model(out: Path, args: argparse.Namespace) -> None:
         return
     _, item_tables, catalog_index = load_item_tables(out)
     model = load_model(out, item_tables)
+    reward = _build_reward(out, args) if args.reward_minutes > 0 else None
     version = write_model_repository(
         model,
         load_item_sids(out / "tokenizer"),
@@ -107,6 +109,7 @@ def _build_model(out: Path, args: argparse.Namespace) -> None:
         args.repository,
         args.encoder_instances,
         args.decoder_instances,
+        reward,
     )
     console.print(f"model repository {args.repository}: ONNX written, catalog v{version} live")
     repo = Path(args.repository)
@@ -114,6 +117,26 @@ def _build_model(out: Path, args: argparse.Namespace) -> None:
     print_parity(model, onnx, out, catalog_index.trie)
     store = args.feature_store or str(out / "features.sqlite")
     load_features(out, repo, store, args.force)
+
+
+def _build_reward(out: Path, args: argparse.Namespace):
+    """The reward model the server selects beams by: reused, or trained on the build's
+    data set within ``--reward-minutes``."""
+    from onerec.experiment import load_item_tables
+    from onerec.reward import REWARD_FILE, fit_reward, load_reward
+
+    path = out / "model" / REWARD_FILE
+    if path.is_file() and not args.force:
+        console.print(f"reusing reward model in {path} (--force retrains)")
+        ds, item_tables, index = load_item_tables(out)
+        return load_reward(path, ds, item_tables, index.trie.codebook_size)
+    model, result = fit_reward(out, RewardConfig(minutes=args.reward_minutes))
+    aucs = {h: r["head"] for h, r in result["aucs"].items() if r.get("head") is not None}
+    console.print(
+        f"reward model: {result['steps']:,} steps in {result['seconds']:.0f}s; held-out AUC "
+        + ", ".join(f"{h} {a:.3f}" for h, a in aucs.items())
+    )
+    return model
 
 
 def load_features(artifacts: Path, repository: Path, store: str, force: bool) -> None:
@@ -147,6 +170,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--until", choices=STAGES, default="repository", help="last stage to build")
     p.add_argument("--repository", default=str(TEMPLATE), help="Triton model repository")
     add_budget_knobs(p, TrainConfig())
+    p.add_argument(
+        "--reward-minutes",
+        type=float,
+        default=1.0,
+        help="the reward model's training budget (0: serve without reward selection)",
+    )
     p.add_argument("--encoder-instances", type=int, default=1)
     p.add_argument("--decoder-instances", type=int, default=1)
     p.add_argument("--feature-store", help=STORE_HELP)

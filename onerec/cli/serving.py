@@ -49,6 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "peak_flops",
         "drain_s",
         "grace_s",
+        "reward_selection",
     ):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
@@ -98,7 +99,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     metadata = []
     if args.token_file:
         metadata.append(("authorization", f"Bearer {Path(args.token_file).read_text().strip()}"))
-    request = pb.RecommendRequest(user_id=args.user, count=args.count, beam_width=args.beam_width)
+    ranking = pb.Ranking.Value(f"RANKING_{args.ranking.upper()}")
+    request = pb.RecommendRequest(
+        user_id=args.user, count=args.count, beam_width=args.beam_width, ranking=ranking
+    )
     with grpc.insecure_channel(args.address) as channel:
         try:
             reply = pb_grpc.RecommenderStub(channel).Recommend(
@@ -114,7 +118,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         label = items["title"].fillna("").astype(str)
         label = label.where(label != "", items["tag"].astype(str))
         about = dict(zip(items["item_id"].astype(str), label, strict=True))
-    note = f", degraded: {reply.degraded}" if reply.degraded else ""
+    note = f", ranked by {reply.ranking}"
+    note += f", degraded: {reply.degraded}" if reply.degraded else ""
     table = Table(title=f"{args.user}: {reply.model_version}{note}")
     for col, justify in (
         ("#", "right"),
@@ -197,12 +202,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-count", type=int, help="most items per Recommend (default 100)")
     p.add_argument("--drain-s", type=float, help="NOT_SERVING this long before stopping (0)")
     p.add_argument("--grace-s", type=float, help="in-flight calls' time to finish (10)")
+    p.add_argument(
+        "--reward-selection",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="order answers by the reward model where there is one (default on)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("recommend", help="ask a running front end, print a table")
     p.add_argument("--user", required=True)
     p.add_argument("--count", type=int, default=10)
     p.add_argument("--beam-width", type=int, default=0, help="0 = the server's default")
+    p.add_argument(
+        "--ranking",
+        choices=("default", "reward", "generation"),
+        default="default",
+        help="order by the reward model, by the generator, or as the server is set",
+    )
     p.add_argument("--address", default=f"localhost:{os.environ.get('ONEREC_PORT', '50051')}")
     p.add_argument("--artifacts", default="artifacts/synthetic", help="for item titles/topics")
     p.add_argument("--token-file", help="bearer token, if the server requires one")

@@ -1,4 +1,4 @@
-"""What the Triton encoder and decoder models do with a dynamic batch, minus Triton.
+"""What the Triton encoder, decoder and reward models do with a dynamic batch, minus Triton.
 
 Triton hands ``execute()`` a list of requests whose sequences have their own lengths
 (``allow_ragged_batch``). Each function here stacks them into one padded batch, runs the
@@ -27,7 +27,7 @@ from onerec.runtime.config import (
     N_WEIGHT_BUCKETS,
     OneRecConfig,
 )
-from onerec.runtime.onnx_runners import OnnxDecoder, OnnxEncoder
+from onerec.runtime.onnx_runners import REWARD_INPUTS, OnnxDecoder, OnnxEncoder, OnnxReward
 from onerec.runtime.pathways import PATHWAY_INPUTS, collate
 from onerec.runtime.trie import SIDTrie
 
@@ -234,5 +234,49 @@ def decode_batch(
         beyond = np.arange(c)[None, :] >= counts[start:stop, None]  # a row's own count
         sids[beyond], scores[beyond] = -1, -np.inf
         out.append(DecodedRows(sids, scores))
+        start = stop
+    return out
+
+
+@dataclass(frozen=True)
+class RewardShape:
+    """What a reward request's indices must fit: the model's tables, from reward.json."""
+
+    n_static: int
+    static_cardinalities: tuple[int, ...]
+    n_items: int  # item tokens are 0 (padding) .. n_items + 1 (an item it never saw)
+
+
+def check_reward_request(request: dict[str, np.ndarray], shape: RewardShape) -> None:
+    """Shapes and every index against the reward model's tables: an index out of range
+    would fail the whole batch inside ONNX Runtime."""
+    _rows(request, REWARD_INPUTS)
+    static = request["static"]
+    if static.ndim != 2 or static.shape[1] != shape.n_static:
+        raise RequestError(f"static: expected (batch, {shape.n_static}), got {static.shape}")
+    if ((static < 0) | (static >= np.array(shape.static_cardinalities))).any():
+        raise RequestError(f"static: codes must be below {list(shape.static_cardinalities)}")
+    for name in REWARD_INPUTS[1:]:
+        a = request[name]
+        if a.ndim != 2:
+            raise RequestError(f"{name}: expected (batch, length), got {a.shape}")
+        if ((a < 0) | (a > shape.n_items + 1)).any():
+            raise RequestError(f"{name}: item tokens must be in 0..{shape.n_items + 1}")
+
+
+def reward_batch(
+    reward: OnnxReward, requests: Sequence[dict[str, np.ndarray]]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Valid requests -> each one's (heads, pscore): one ONNX call, every sequence padded
+    to the batch's longest (padding tokens are masked; padded candidates are cut off)."""
+    longest = {n: max(r[n].shape[1] for r in requests) for n in REWARD_INPUTS[1:]}
+    inputs = [np.concatenate([r["static"] for r in requests])]
+    for name in REWARD_INPUTS[1:]:
+        inputs.append(np.concatenate([_pad_to(r[name], longest[name], 1) for r in requests]))
+    heads, pscore = reward.score(*inputs)
+    out, start = [], 0
+    for r in requests:
+        stop, m = start + r["static"].shape[0], r["candidates"].shape[1]
+        out.append((heads[start:stop, :m], pscore[start:stop, :m]))
         start = stop
     return out

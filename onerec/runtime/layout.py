@@ -9,6 +9,8 @@ from pathlib import Path
 # destination of a build.
 TEMPLATE = Path(__file__).resolve().parents[2] / "model_repository"
 ENCODER, DECODER, ENSEMBLE = "onerec_encoder", "onerec_decoder", "onerec"
+REWARD = "onerec_reward"  # present only when the build trained a reward model
+REWARD_ONNX, REWARD_JSON = "reward.onnx", "reward.json"  # in REWARD/1/
 CATALOG = "catalog"
 MODEL_ITEMS = "items.npz"  # beside encoder.onnx: onerec.runtime.model_items.ModelItems
 ITEM_TABLE = "item_table.npy"  # beside encoder.onnx: the ranking stage's item rows
