@@ -30,8 +30,65 @@ def merge(reports: Path, dataset: str, section: dict[str, Any]) -> dict[str, Any
     return report
 
 
+SHOWN = (
+    "models",
+    "ablations",
+    "diagnostics",
+    "alignment",
+    "se_vs_ntp",
+    "like_rate_among_hits",
+    "reward_detail",
+    "reward_auc",
+)
+DIAGNOSTICS = (
+    "Diagnostic: `pscore-catalog` is the reward model's own top-10 over the whole catalog, "
+    "no generator: the most that selecting by the P-Score could reach."
+)
+RUN_COLUMNS = (
+    "method",
+    "search",
+    "ntp_weight",
+    "lr",
+    "steps",
+    "seconds",
+    "first_reward",
+    "final_reward",
+    "final_kl",
+    "legal_unconstrained_before",
+    "legal_unconstrained_after",
+)
+ABLATIONS = (
+    "Ablations of ECPO, in the served order and with reward selection (`+reward`): "
+    "`-sample` draws each group under the trie instead of taking the top beams; `-ntp<w>` "
+    "sets the next-token loss's mix weight (default 0.5); `-long` doubles the learning "
+    "rate and allows 120 steps (the runs table says how many the time budget let it take)."
+)
+PAIRED = ("engagement", "recall@10", "ndcg@10")
+
+
 def _cell(value: float | None, digits: int = 4) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+    return "n/a" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def _rows_table(
+    rows: dict[str, dict[str, float | None]],
+    se: dict[str, dict[str, float]],
+    likes: dict[str, float | None],
+) -> list[str]:
+    """The columns, each paired metric with ± its standard error against ``ntp`` (where
+    the row has one), and the like-rate among hits."""
+    head = [*COLUMNS, "like-rate among hits"]
+    lines = ["| row | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for row, m in rows.items():
+        cells = []
+        for c in COLUMNS:
+            cell = _cell(m.get(c))
+            if c in PAIRED and m.get(c) is not None and c in se.get(row, {}):
+                cell += f" ± {_cell(se[row][c])}"
+            cells.append(cell)
+        cells.append(_cell(likes.get(row), 3))
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def render(report: dict[str, Any]) -> str:
@@ -58,15 +115,27 @@ def render(report: dict[str, Any]) -> str:
                     f"{r['positives']} / {r['exposures']} |"
                 )
             lines.append("")
-        models = entry.get("models")
-        if models:
-            lines += ["| row | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-            for row, m in models.items():
-                lines.append(f"| {row} | " + " | ".join(_cell(m.get(c)) for c in COLUMNS) + " |")
-            lines.append("")
-        extra = {
-            k: v for k, v in entry.items() if k not in ("models", "reward_detail", "reward_auc")
-        }
+        se = entry.get("se_vs_ntp", {})
+        likes = entry.get("like_rate_among_hits", {})
+        tables = (("models", None), ("ablations", ABLATIONS), ("diagnostics", DIAGNOSTICS))
+        for key, title in tables:
+            if entry.get(key):
+                lines += [title, ""] if title else []
+                lines += _rows_table(entry[key], se, likes)
+        if entry.get("alignment"):
+            lines += _runs_table(entry["alignment"])
+        extra = {k: v for k, v in entry.items() if k not in SHOWN}
         if extra:
             lines += ["```", json.dumps(extra, indent=2), "```", ""]
     return "\n".join(lines)
+
+
+def _runs_table(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """The RL runs: reward is the P-Score of the sampled groups (the mean of the first
+    step, and of the last five), KL to the reference over the last five steps."""
+    lines = ["RL runs (`onerec align`):", ""]
+    lines += ["| run | " + " | ".join(RUN_COLUMNS) + " |", "|---" * (len(RUN_COLUMNS) + 1) + "|"]
+    for name, run in runs.items():
+        cells = [f"{v:.4g}" if isinstance(v := run.get(c), float) else str(v) for c in RUN_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
