@@ -159,6 +159,21 @@ def fit_blend(decoder: Decoder, model: OneRec, split: Split) -> tuple[float, dic
     return best, objective
 
 
+def fit_served_blend(artifacts: Path, reward: RewardModel, max_users: int = 256) -> float:
+    """The blend the build serves: :func:`fit_blend` on a sample of validation events,
+    stored in ``model/`` (a later ``align-eval`` refits it on more users)."""
+    ds, item_tables, index = load_item_tables(artifacts)
+    events = EventArrays.from_dataset(ds)
+    exposures = ExposureLog(ds, reward.cfg)
+    decoder = Decoder(ds, item_tables, index, reward, exposures, events, 128)
+    model = load_model(artifacts, item_tables)
+    blend, objective = fit_blend(decoder, model, validation_split(ds, max_users))
+    (artifacts / "model" / BLEND_FILE).write_text(
+        json.dumps({"blend": blend, "objective": objective}, indent=2)
+    )
+    return blend
+
+
 def _simulator(ds: Dataset) -> UserSimulator | None:
     try:
         return UserSimulator.from_dataset(ds)

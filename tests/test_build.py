@@ -9,9 +9,12 @@ import sys
 import numpy as np
 import pandas as pd
 
+from onerec.align_eval import BLEND_FILE, BLENDS
 from onerec.cli import main
 from onerec.data.schema import Dataset
 from onerec.runtime import catalog
+from onerec.runtime.layout import REWARD, REWARD_JSON, REWARD_ONNX
+from onerec.runtime.reward import RewardMeta
 from onerec.semantic_ids import load_item_sids, sids_to_frame, tokenize_new_items
 from server.feature_store import stored_users
 
@@ -81,9 +84,14 @@ def test_full_build_fills_a_model_repository(tmp_path) -> None:
     out, repo = tmp_path / "art", tmp_path / "repo"
     small = ["--users", "30", "--items", "120", "--max-history", "200", "--codebook-size", "8"]
     build = ["build", "--out", str(out), "--repository", str(repo), "--minutes", "0.05"]
-    build += ["--ranker-minutes", "0.01"]
+    build += ["--ranker-minutes", "0.01", "--reward-minutes", "0.02"]
     assert main([*build, "--decoder-instances", "2", *small]) == 0
     assert (out / "model" / "checkpoint.pt").is_file()
+    # The reward model, with the blend fitted on validation events, beside the decoder.
+    meta = RewardMeta.load(repo / REWARD / "1" / REWARD_JSON)
+    blend = json.loads((out / "model" / BLEND_FILE).read_text())["blend"]
+    assert meta.blend == blend and blend in BLENDS and meta.n_items == 120
+    assert (repo / REWARD / "1" / REWARD_ONNX).is_file()
     assert (repo / "onerec_encoder" / "1" / "encoder.onnx").is_file()
     steps = sorted(p.name for p in (repo / "onerec_decoder" / "1").glob("decoder_step_*.onnx"))
     assert steps == [f"decoder_step_{t}.onnx" for t in range(3)]
@@ -95,6 +103,10 @@ def test_full_build_fills_a_model_repository(tmp_path) -> None:
     assert main([*build, *small]) == 0  # a rebuild publishes the next catalog version
     assert (catalog_dir / "CURRENT").read_text().strip() == "2"
     assert stored_users(out / "features.sqlite") == 30
+    bare = tmp_path / "bare"  # no reward model: no directory Triton would fail to load
+    assert main([*build, "--repository", str(bare), "--reward-minutes", "0", *small]) == 0
+    assert (bare / "onerec_decoder" / "1" / "decoder_step_0.onnx").is_file()
+    assert not (bare / REWARD).exists()
 
     # Catalog changes publish new versions; a removed item leaves the live table.
     live = catalog.load(catalog_dir)

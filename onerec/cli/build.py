@@ -101,7 +101,7 @@ def _build_model(out: Path, args: argparse.Namespace) -> None:
         return
     _, item_tables, catalog_index = load_item_tables(out)
     model = load_model(out, item_tables)
-    reward = _build_reward(out, args) if args.reward_minutes > 0 else None
+    reward, blend = _build_reward(out, args) if args.reward_minutes > 0 else (None, 0.0)
     version = write_model_repository(
         model,
         load_item_sids(out / "tokenizer"),
@@ -110,6 +110,7 @@ def _build_model(out: Path, args: argparse.Namespace) -> None:
         args.encoder_instances,
         args.decoder_instances,
         reward,
+        blend,
     )
     console.print(f"model repository {args.repository}: ONNX written, catalog v{version} live")
     repo = Path(args.repository)
@@ -120,23 +121,32 @@ def _build_model(out: Path, args: argparse.Namespace) -> None:
 
 
 def _build_reward(out: Path, args: argparse.Namespace):
-    """The reward model the server selects beams by: reused, or trained on the build's
-    data set within ``--reward-minutes``."""
+    """The reward model the server orders answers by, and its blend with the SID's
+    log-probability: reused, or trained on the build's data set within
+    ``--reward-minutes`` and the blend fitted on validation events."""
+    from onerec.align_eval import BLEND_FILE, fit_served_blend
     from onerec.experiment import load_item_tables
     from onerec.reward import REWARD_FILE, fit_reward, load_reward
 
-    path = out / "model" / REWARD_FILE
+    path, blend_path = out / "model" / REWARD_FILE, out / "model" / BLEND_FILE
     if path.is_file() and not args.force:
         console.print(f"reusing reward model in {path} (--force retrains)")
         ds, item_tables, index = load_item_tables(out)
-        return load_reward(path, ds, item_tables, index.trie.codebook_size)
-    model, result = fit_reward(out, RewardConfig(minutes=args.reward_minutes))
-    aucs = {h: r["head"] for h, r in result["aucs"].items() if r.get("head") is not None}
-    console.print(
-        f"reward model: {result['steps']:,} steps in {result['seconds']:.0f}s; held-out AUC "
-        + ", ".join(f"{h} {a:.3f}" for h, a in aucs.items())
-    )
-    return model
+        model = load_reward(path, ds, item_tables, index.trie.codebook_size)
+    else:
+        model, result = fit_reward(out, RewardConfig(minutes=args.reward_minutes))
+        blend_path.unlink(missing_ok=True)  # fitted to the old reward model
+        aucs = {h: r["head"] for h, r in result["aucs"].items() if r.get("head") is not None}
+        console.print(
+            f"reward model: {result['steps']:,} steps in {result['seconds']:.0f}s; held-out "
+            "AUC " + ", ".join(f"{h} {a:.3f}" for h, a in aucs.items())
+        )
+    if blend_path.is_file() and not args.force:
+        return model, float(json.loads(blend_path.read_text())["blend"])
+    started = time.perf_counter()
+    blend = fit_served_blend(out, model)
+    console.print(f"reward blend {blend} fitted in {time.perf_counter() - started:.0f}s")
+    return model, blend
 
 
 def load_features(artifacts: Path, repository: Path, store: str, force: bool) -> None:
