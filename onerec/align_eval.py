@@ -52,7 +52,9 @@ from onerec.train import ItemTables
 
 log = logging.getLogger(__name__)
 K = 10
-BLENDS = (0.0, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+# The SID log-probability's weight beside the P-Score: 0 is the P-Score alone; the top of
+# the grid is near the beam order (a fit that picks it says the grid should grow).
+BLENDS = (0.0, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 BLEND_FILE = "reward_blend.json"  # in model/, beside reward.pt
 METRICS = ("engagement", "recall@10", "ndcg@10")
 
