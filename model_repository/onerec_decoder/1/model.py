@@ -7,62 +7,36 @@ constrained it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from onerec.runtime.batching import RequestError, check_decoder_request, decode_batch, run_valid
+from onerec.runtime.batching import check_decoder_request, decode_batch, run_valid
 from onerec.runtime.catalog import TrieWatcher
 from onerec.runtime.onnx_runners import OnnxDecoder
+from onerec.runtime.triton_glue import parameter, request_arrays, responses, version_dir
 
 INPUTS = ("keep", "cross_kv", "beam_width", "count", "exclude_sids")
 
 
-def _param(params: dict, key: str, default: str) -> str:
-    return params.get(key, {}).get("string_value", default)
-
-
-def _error(e: Exception) -> pb_utils.TritonError:
-    """A bad request is INVALID_ARGUMENT for the client; a failed batch stays INTERNAL."""
-    if isinstance(e, RequestError):
-        return pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
-    return pb_utils.TritonError(str(e))
-
-
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        params = json.loads(args["model_config"]).get("parameters", {})
-        model_dir = Path(args["model_repository"])
-        threads = int(_param(params, "intra_op_threads", "0"))
-        self.decoder = OnnxDecoder(model_dir / args["model_version"], threads)
-        self.catalog = TrieWatcher(model_dir / _param(params, "catalog_dir", "catalog"))
+        threads = int(parameter(args, "intra_op_threads", "0"))
+        self.decoder = OnnxDecoder(version_dir(args), threads)
+        catalog = Path(args["model_repository"]) / parameter(args, "catalog_dir", "catalog")
+        self.catalog = TrieWatcher(catalog)
 
     def execute(self, requests: list) -> list:
         version, trie = self.catalog.get()  # one trie for the whole batch
-        arrays = []
-        for request in requests:
-            tensors = {n: pb_utils.get_input_tensor_by_name(request, n) for n in INPUTS}
-            arrays.append({n: t.as_numpy() for n, t in tensors.items() if t is not None})
         results = run_valid(
-            arrays,
+            request_arrays(pb_utils, requests, INPUTS),
             lambda a: check_decoder_request(a, trie, self.decoder.kv_shape),
             lambda batch: decode_batch(self.decoder, trie, batch),
         )
-        responses = []
-        for r in results:
-            if isinstance(r, Exception):
-                responses.append(pb_utils.InferenceResponse(error=_error(r)))
-                continue
+
+        def outputs(r) -> dict[str, np.ndarray]:
             version_tensor = np.full((len(r.sids), 1), version, np.int64)
-            responses.append(
-                pb_utils.InferenceResponse(
-                    [
-                        pb_utils.Tensor("sids", r.sids),
-                        pb_utils.Tensor("scores", r.scores),
-                        pb_utils.Tensor("catalog_version", version_tensor),
-                    ]
-                )
-            )
-        return responses
+            return {"sids": r.sids, "scores": r.scores, "catalog_version": version_tensor}
+
+        return responses(pb_utils, results, outputs)
