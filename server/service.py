@@ -128,6 +128,7 @@ class Found:
     answer: CatalogView  # the catalog version that decoded them
     rows: np.ndarray  # allowed items, beam order
     logp: np.ndarray  # each one's SID log-probability
+    tokens: np.ndarray  # each one's model item token (what both ranking stages read)
 
 
 @dataclass(frozen=True)
@@ -299,7 +300,8 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         try:
             return await self.ctx.model.reward(
                 pathways,
-                found.answer.tokens[found.rows],
+                found.tokens,
+                self.ctx.reward.pos_len,
                 triton_budget(context.time_remaining()),
             )
         except TritonUnavailable as e:
@@ -357,13 +359,13 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         if answer.version != view.version:  # the decoder lags the live catalog: never
             live = view.holds(answer.item_ids[rows])  # return what it has since removed
             rows, logp = rows[live], logp[live]
-        return Found(answer, rows, logp)
+        return Found(answer, rows, logp, answer.tokens[rows])
 
     def _answer(self, prep: Prepared, found: Found, user, pscore, count: int):
         """The best ``count`` candidates by the P-Score (blended) where given, else by the
         generator's ranking stage; topped up from popularity if too few are left."""
         m, view, answer = self.ctx.metrics, prep.view, found.answer
-        tokens = answer.tokens[found.rows][None]
+        tokens = found.tokens[None]
         if pscore is not None:
             blend = self.ctx.reward.blend
             order, scores = rank_by_reward(pscore[None], found.logp[None], tokens, blend)

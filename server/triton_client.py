@@ -169,16 +169,18 @@ class TritonModel:
         self,
         pathways: dict[str, np.ndarray],
         candidates: np.ndarray,
+        pos_len: int,
         timeout_s: float,
     ) -> np.ndarray:
         """(M,) P-Scores of one user's candidate item tokens, from the reward model; its
-        dynamic batcher scores concurrent requests together."""
+        dynamic batcher scores concurrent requests together. Only the ``pos_len`` newest
+        positive items are sent: the model reads no more."""
         if timeout_s <= 0:
             raise TritonUnavailable("no time left before the caller's deadline")
         arrays = {
             "static": pathways["static"],
             "short_items": pathways["short_items"],
-            "pos_items": pathways["pos_items"],
+            "pos_items": pathways["pos_items"][:pos_len],
             "candidates": candidates,
         }
         try:
