@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
+from scipy.stats import mannwhitneyu
 from torch import nn
 
 from onerec.data.schema import FLAGS, Dataset
@@ -317,8 +317,9 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     n_neg = len(labels) - n_pos
     if n_pos == 0 or n_neg == 0:
         return None
-    ranks = pd.Series(scores).rank(method="average").to_numpy()
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    scores = np.asarray(scores)
+    u = mannwhitneyu(scores[labels], scores[~labels], method="asymptotic").statistic
+    return float(u / (n_pos * n_neg))
 
 
 def auc_se(a: float, n_pos: int, n_neg: int) -> float:
