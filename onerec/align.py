@@ -407,15 +407,18 @@ def align_artifacts(
     """Align the generator of a trained artefact directory; store it as
     ``model/aligned_<name>.pt`` (``name`` defaults to the method) with its curves beside it
     (``.json``, ``.png``)."""
-    from onerec.experiment import load_item_tables, load_model, validation_split
+    from onerec.experiment import load_item_tables, load_model, test_events, validation_split
 
     ds, item_tables, index = load_item_tables(artifacts)
     policy = load_model(artifacts, item_tables)
     reference = load_model(artifacts, item_tables)
+    held = test_events(artifacts)
     states = UserStates(
-        ds, item_tables, index, policy.cfg, validation_split(ds, max_users=ds.n_users)
+        ds, item_tables, index, policy.cfg, validation_split(ds, held, max_users=ds.n_users)
     )
-    source = SampleSource(ds, item_tables, policy.cfg, 8, cfg.seed, validation=True)
+    source = SampleSource(
+        ds, item_tables, policy.cfg, 8, cfg.seed, validation=True, test_events=held
+    )
     aligner = Aligner(
         policy,
         reference,

@@ -40,7 +40,7 @@ from onerec.baselines import PopularityModel
 from onerec.data.schema import Dataset
 from onerec.evaluate import Candidates, candidates, served_ranking
 from onerec.event_arrays import EventArrays
-from onerec.experiment import load_item_tables, load_model, validation_split
+from onerec.experiment import load_item_tables, load_model, test_events, validation_split
 from onerec.metrics import Split, filter_topk_seen, gains, leave_last_out, mask_seen, topk_ranks
 from onerec.model import OneRec
 from onerec.reward import ExposureLog, RewardModel
@@ -169,7 +169,8 @@ def fit_served_blend(artifacts: Path, reward: RewardModel, max_users: int = 256)
     exposures = ExposureLog(ds, reward.cfg)
     decoder = Decoder(ds, item_tables, index, reward, exposures, events, 128)
     model = load_model(artifacts, item_tables)
-    blend, objective = fit_blend(decoder, model, validation_split(ds, max_users))
+    validation = validation_split(ds, test_events(artifacts), max_users)
+    blend, objective = fit_blend(decoder, model, validation)
     (artifacts / "model" / BLEND_FILE).write_text(
         json.dumps({"blend": blend, "objective": objective}, indent=2)
     )
@@ -261,7 +262,7 @@ def evaluate_alignment(
         ds, item_tables, index, reward, ExposureLog(ds, reward.cfg), events, beam_width
     )
     ntp = load_model(artifacts, item_tables)
-    blend, objective = fit_blend(decoder, ntp, validation_split(ds))
+    blend, objective = fit_blend(decoder, ntp, validation_split(ds, test_events(artifacts)))
     (artifacts / "model" / BLEND_FILE).write_text(
         json.dumps({"blend": blend, "objective": objective}, indent=2)
     )

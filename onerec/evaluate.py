@@ -5,7 +5,7 @@ does: build the four pathways from the history before the held-out event, encode
 run the trie-constrained beam search, expand each SID into its items in collision-rank
 order (the catalog rule), and order those items by the model's ranking stage
 (:mod:`onerec.runtime.ranking`, weighted as :func:`fit_rank_weight` fitted it).
-:func:`onerec_ranks` turns those ranked lists, seen items removed, into per-user target
+:func:`beam_ranks` turns those ranked lists, seen items removed, into per-user target
 ranks, exactly as :mod:`onerec.metrics` does for the score-based baselines.
 """
 
@@ -106,7 +106,7 @@ def fit_rank_weight(
     How much the next-item head should count depends on the data and on how long each
     stage trained, so it is fitted, not set (the weights fits picked: docs/findings.md).
     """
-    ranks = _ranks(
+    ranks, _ = beam_ranks(
         model, ds, item_tables, index, split, np.arange(len(split)), beam_width, RANK_WEIGHTS
     )
     ndcg = {w: metrics_from_ranks(r, ks=(10,))["ndcg@10"] for w, r in ranks.items()}
@@ -115,23 +115,7 @@ def fit_rank_weight(
     return ndcg
 
 
-def onerec_ranks(
-    model: OneRec,
-    ds: Dataset,
-    item_tables: ItemTables,
-    index: SIDIndex,
-    split: Split,
-    beam_width: int = 128,
-    rows: np.ndarray | None = None,
-) -> np.ndarray:
-    """Target ranks (len(rows),) in the served ranking of the beams' items, seen items
-    removed."""
-    rows = np.arange(len(split)) if rows is None else np.asarray(rows)
-    weight = served_ranking(model)[1]
-    return _ranks(model, ds, item_tables, index, split, rows, beam_width, (weight,))[weight]
-
-
-def _ranks(
+def beam_ranks(
     model: OneRec,
     ds: Dataset,
     item_tables: ItemTables,
@@ -141,16 +125,21 @@ def _ranks(
     beam_width: int,
     weights: tuple[float, ...],
     batch_size: int = 32,
-) -> dict[float, np.ndarray]:
-    """Target ranks of ``rows`` under each ranking-stage weight, from one beam search."""
+) -> tuple[dict[float, np.ndarray], np.ndarray]:
+    """Target ranks of ``rows`` among every item the beams reached, seen items removed,
+    under each ranking-stage weight, from one beam search; and how many items that was per
+    row. A target no beam reached is a ``MISS`` under every weight: the candidates' recall
+    bounds what any ranking stage can do."""
     events = EventArrays.from_dataset(ds)
     table, _ = served_ranking(model)
-    ranked: dict[float, list[np.ndarray]] = {w: [] for w in weights}
+    ranks: dict[float, list[np.ndarray]] = {w: [] for w in weights}
+    counts = []
     for lo in range(0, len(rows), batch_size):
         chunk = rows[lo : lo + batch_size]
         found = candidates(model, ds, item_tables, index, split, chunk, beam_width, events)
+        targets = split.target_items[chunk]
         for w in weights:
-            top = filter_topk_seen(found.ranked(table, w), split, ds, chunk)[:, :50]
-            ranked[w].append(np.pad(top, ((0, 0), (0, 50 - top.shape[1])), constant_values=-1))
-    targets = split.target_items[rows]
-    return {w: topk_ranks(np.concatenate(lists), targets) for w, lists in ranked.items()}
+            ranked = filter_topk_seen(found.ranked(table, w), split, ds, chunk)
+            ranks[w].append(topk_ranks(ranked, targets))
+        counts.append((ranked >= 0).sum(axis=1))
+    return {w: np.concatenate(r) for w, r in ranks.items()}, np.concatenate(counts)

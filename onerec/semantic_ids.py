@@ -27,7 +27,7 @@ import pandas as pd
 
 from onerec.data.schema import Dataset
 from onerec.embeddings import ItemEmbedder, item_embeddings
-from onerec.metrics import leave_last_out
+from onerec.metrics import last_out
 from onerec.runtime.catalog import ItemSIDs, collision_ranks
 from onerec.tokenizer import SemanticTokenizer, TokenizerConfig, collision_stats
 
@@ -53,20 +53,26 @@ def sids_from_frame(frame: pd.DataFrame) -> ItemSIDs:
 
 
 def tokenize_dataset(
-    ds: Dataset, out: str | Path, config: TokenizerConfig | None = None, progress: bool = True
+    ds: Dataset,
+    out: str | Path,
+    config: TokenizerConfig | None = None,
+    progress: bool = True,
+    test_events: int = 1,
 ) -> dict[str, Any]:
     """Fit embeddings and tokenizer on ``ds``, write the artefacts, return the statistics.
 
     The collaborative signal and the popularity that ranks collisions leave out each
-    user's held-out event (:func:`onerec.metrics.leave_last_out`): the model and its SIDs
-    must not encode the item evaluation asks for. Serving loses one event per user.
+    user's last ``test_events`` (:func:`onerec.metrics.last_out`): the model and its SIDs
+    must not encode the items evaluation asks for. Serving loses that many events per
+    user. The statistics record ``test_events``, so that training and evaluation on these
+    artefacts hold out the same events.
     """
     cfg = config or TokenizerConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     fit = np.ones(len(ds.events), bool)
-    fit[leave_last_out(ds).history_end] = False  # the held-out rows
+    fit[last_out(ds, test_events).history_end] = False  # the held-out rows
     users, items = ds.user_index()[fit], ds.item_index()[fit]
     embedder, embeddings = item_embeddings(ds.item_content, users, items, seed=cfg.seed)
     embed_s = time.perf_counter() - started
@@ -87,6 +93,7 @@ def tokenize_dataset(
     stats.update(
         {
             "config": asdict(cfg),
+            "test_events": test_events,
             "embedding_dim": embedder.dim,
             "embedding_seconds": round(embed_s, 3),
             "seconds": round(time.perf_counter() - started, 3),

@@ -3,8 +3,8 @@
 A sample is (user, cut ``c``): the encoder sees the user's events before ``c``, and the
 decoder learns the SIDs of events ``c .. c + targets_per_sample - 1``, each decoded from BOS
 on its own (as beams are), so one encoder pass yields several targets, like OneRec's
-session-wise generation. Each user's last event is never a target: it is the held-out item
-of the evaluation protocol. Cuts are drawn at random per user (up to
+session-wise generation. Each user's last event (last ``test_events``) is never a target:
+it is the held-out item of the evaluation protocol. Cuts are drawn at random per user (up to
 ``samples_per_user``), so light and heavy users both contribute, and drawn afresh each
 epoch, so a long run sees many of a user's cuts rather than the same few again.
 
@@ -14,7 +14,7 @@ would cost a k-means over the whole history for every sample. Evaluation and ser
 compress the exact history, so this shortcut only affects which past items training
 sees, never the test.
 
-With validation on, each user's second-to-last event is held out as well, and after every
+With validation on, the event before the test events is held out as well, and after every
 epoch the SID loss on those events decides which weights to keep: past its best epoch the
 model memorises the users' own items (docs/findings.md: a longer budget without it
 lowered validation recall).
@@ -115,13 +115,16 @@ class SampleSource:
         seed: int,
         targets_per_sample: int = 1,
         validation: bool = False,
+        test_events: int = 1,
     ) -> None:
         self.events = EventArrays.from_dataset(ds)
         self.catalog, self.cfg = item_tables, cfg
         self.targets_per_sample = targets_per_sample
-        # Each user's last event is the test item; with validation, the one before it is
-        # never a training target either: its loss picks the epoch whose weights are kept.
-        self.held_out = 2 if validation else 1
+        # Each user's last ``test_events`` are the test items; with validation, the one
+        # before them is never a training target either: its loss picks the epoch whose
+        # weights are kept.
+        self.test_events = test_events
+        self.held_out = test_events + int(validation)
         self.static = ds.users[ds.static_feature_columns()].to_numpy(np.int64)
         self.samples_per_user = samples_per_user
         self.draw(np.random.default_rng(seed))
@@ -150,7 +153,7 @@ class SampleSource:
         if len(h) - 1 <= self.cfg.lifelong_len:
             return Compressed(np.arange(cut), np.ones(cut, np.int64))
         if u not in self._compressed:
-            train = h.head(len(h) - 1)
+            train = h.head(len(h) - self.test_events)
             self._compressed[u] = compress_history(
                 self.catalog.vectors[train.items], self.cfg.lifelong_len
             )
@@ -177,12 +180,12 @@ class SampleSource:
         self, batch_size: int
     ) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         """Each user's validation event as the one target after a cut just before it."""
-        if self.held_out < 2:
+        if self.held_out == self.test_events:
             return []
         lengths = np.diff(self.events.offsets)
-        users = np.flatnonzero(lengths >= 3)
+        users = np.flatnonzero(lengths >= 1 + self.held_out)
         users = users[np.argsort(lengths[users], kind="stable")]  # similar lengths, less padding
-        cuts = lengths[users] - 2
+        cuts = lengths[users] - self.held_out
         return [
             self._tensors(
                 users[i : i + batch_size], cuts[i : i + batch_size], cuts[i : i + batch_size] + 1
@@ -418,12 +421,12 @@ def train_ranker(
 
 
 def _ranker_validation(source: SampleSource) -> torch.Tensor | None:
-    """Windows that end at each user's validation event (second-to-last); None when
-    training held none out or no user has one."""
+    """Windows that end at each user's validation event (the one before the test events);
+    None when training held none out or no user has one."""
     offsets = source.events.offsets
-    starts, ends = offsets[:-1], offsets[1:] - 1
+    starts, ends = offsets[:-1], offsets[1:] - source.test_events
     keep = ends - starts >= 2
-    if source.held_out < 2 or not keep.any():
+    if source.held_out == source.test_events or not keep.any():
         return None
     length = source.cfg.short_len + 1
     return torch.from_numpy(windows(source.events.items, starts[keep], ends[keep], length))

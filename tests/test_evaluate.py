@@ -8,9 +8,15 @@ import torch
 
 from onerec.data.synthetic import SyntheticConfig, generate
 from onerec.embeddings import item_embeddings
-from onerec.evaluate import RANK_WEIGHTS, candidates, fit_rank_weight, onerec_ranks, served_ranking
+from onerec.evaluate import (
+    RANK_WEIGHTS,
+    beam_ranks,
+    candidates,
+    fit_rank_weight,
+    served_ranking,
+)
 from onerec.experiment import validation_split
-from onerec.metrics import leave_last_out, metrics_from_ranks
+from onerec.metrics import MISS, leave_last_out, metrics_from_ranks
 from onerec.runtime.catalog import collision_ranks
 from onerec.runtime.sid_index import SIDIndex
 from onerec.tokenizer import SemanticTokenizer, TokenizerConfig
@@ -59,8 +65,15 @@ def test_random_weights_at_wide_beams_only_return_real_items(tiny) -> None:
 def test_evaluate_gives_bounded_metrics(tiny) -> None:
     ds, item_tables, model, index = tiny
     split = leave_last_out(ds)
-    ranks = onerec_ranks(model, ds, item_tables, index, split, beam_width=32, rows=np.arange(10))
-    assert ranks.shape == (10,)
+    weight = served_ranking(model)[1]
+    found, counts = beam_ranks(
+        model, ds, item_tables, index, split, np.arange(10), 32, (0.0, weight)
+    )
+    ranks = found[weight]
+    assert ranks.shape == counts.shape == (10,)
+    # A target no beam reached misses under every weight; the rest rank within the beams.
+    np.testing.assert_array_equal(found[0.0] == MISS, ranks == MISS)
+    assert (ranks[ranks != MISS] < counts[ranks != MISS]).all()
     metrics = metrics_from_ranks(ranks)
     assert set(metrics) == {"recall@10", "ndcg@10", "recall@50", "ndcg@50"}
     assert all(0.0 <= v <= 1.0 for v in metrics.values())

@@ -18,12 +18,16 @@ TINY_MODEL = ["--d-model", "32", "--lifelong-len", "50", "--positive-len", "32",
 
 def test_build_train_eval_writes_the_report(tmp_path) -> None:
     art = tmp_path / "art"
-    assert main(["build", "--out", str(art), "--until", "tokenizer", *TINY_DATA]) == 0
+    build = ["build", "--out", str(art), "--until", "tokenizer", "--test-events", "3"]
+    assert main([*build, *TINY_DATA]) == 0
+    with pytest.raises(SystemExit, match="--force"):  # the SIDs left out 3 events, not 1
+        main(["build", "--out", str(art), "--until", "tokenizer", *TINY_DATA])
     train = ["train", "--artifacts", str(art), "--epochs", "1", "--threads", "1", *TINY_MODEL]
     train += ["--ranker-minutes", "0.01"]
     assert main(train) == 0
     assert (art / "model" / "checkpoint.pt").is_file()
-    assert json.loads((art / "model" / "train.json").read_text())["epochs"] == 1
+    trained = json.loads((art / "model" / "train.json").read_text())
+    assert trained["epochs"] == 1 and trained["test_events"] == 3
     reports = tmp_path / "reports"
     evaluate = ["eval", "--artifacts", str(art), "--reports", str(reports), "--name", "tiny"]
     assert main([*evaluate, "--beam-width", "16", "--sasrec-epochs", "1", "--max-users", "12"]) == 0
@@ -36,6 +40,23 @@ def test_build_train_eval_writes_the_report(tmp_path) -> None:
         assert all(0.0 <= v <= 1.0 for v in metrics.values())
     md = (reports / "eval.md").read_text()
     assert "| oracle |" in md and "Recall@10 >= 2x popularity" in md and " at 95%" in md
+    assert "Each user's last 3 events" in md and "candidate recall" in md
+    last = report["datasets"]["tiny"]["last_3"]
+    assert set(last["models"]) == set(models)
+    assert [c["what"] for c in last["targets"]] == [
+        c["what"] for c in report["datasets"]["tiny"]["targets"]
+    ]
+    stages = report["datasets"]["tiny"]["stages"]
+    narrow, wide = stages["beam 16"], stages["beam 64"]
+    assert 0.0 <= narrow["candidate_recall"] <= wide["candidate_recall"] <= 1.0
+    assert narrow["candidates"] <= wide["candidates"]
+    for stage in ("sid_order", "head_only", "served"):
+        assert narrow[stage]["recall@50"] <= narrow["candidate_recall"]
+    assert wide["served"]["recall@50"] <= wide["candidate_recall"]
+    assert set(stages["sasrec"]) == {
+        f"recall@{round(narrow['candidates'])}",
+        f"recall@{round(wide['candidates'])}",
+    }
     checks = report["datasets"]["tiny"]["targets"]
     assert [c["what"] for c in checks] == ["Recall@10 >= 2x popularity", "Recall@10 >= SASRec"]
     assert all(c["se"] >= 0.0 for c in checks)
@@ -72,8 +93,13 @@ def hits(n_users: int, n_hits: int, rank: int = 0) -> np.ndarray:
 def test_targets_say_reached_or_not_and_whether_within_noise() -> None:
     ranks = {"onerec": hits(100, 7), "popularity": hits(100, 4), "sasrec": hits(100, 5)}
     real = target_checks(ranks)
-    assert [c.what for c in real] == ["NDCG@10 >= SASRec"]
-    assert real[0].line().startswith("NDCG@10 >= SASRec: 0.0700 vs 0.0500, reached (1.40x;")
+    assert [c.what for c in real] == [
+        "NDCG@10 >= 1.1x SASRec",
+        "NDCG@10 >= SASRec",
+        "Recall@50 >= SASRec",
+    ]
+    assert real[0].line().startswith("NDCG@10 >= 1.1x SASRec: 0.0700 vs 0.0550, reached (1.27x;")
+    assert real[1].line().startswith("NDCG@10 >= SASRec: 0.0700 vs 0.0500, reached (1.40x;")
     synthetic = [c.line() for c in target_checks(ranks | {"oracle": hits(100, 100)})]
     assert synthetic[0].startswith("Recall@10 >= 2x popularity: 0.0700 vs 0.0800, NOT reached")
     # Users 5 and 6 alone differ: mean 0.02, sd 0.1407 over 100 users -> 1.96 SE = 0.0276.
@@ -87,7 +113,18 @@ def test_the_standard_error_is_paired_over_users() -> None:
     # SASRec hits a subset of OneRec's users: unpaired, 0.25 vs 0.20 on 400 users would be
     # within noise (1.96 SE = 0.058); paired, only the 20 users that differ count.
     ranks = {"onerec": hits(400, 100), "popularity": hits(400, 10), "sasrec": hits(400, 80)}
-    (check,) = target_checks(ranks)
+    check = target_checks(ranks)[1]
     assert check.ours - check.bar == pytest.approx(0.05)  # NDCG@10 of a rank-0 hit is 1
     assert 1.96 * check.se == pytest.approx(0.0214, abs=1e-4)
     assert not check.line().endswith("within noise)")
+
+
+def test_several_events_per_user_keep_the_standard_error_over_users() -> None:
+    """Ranks of shape (users, n): a user's gain is the mean of their n events, so five
+    copies of each event give the same error as one, not one sqrt(5) smaller."""
+    ranks = {"onerec": hits(400, 100), "popularity": hits(400, 10), "sasrec": hits(400, 80)}
+    once = target_checks(ranks)[1]
+    repeated = target_checks({k: np.repeat(v[:, None], 5, axis=1) for k, v in ranks.items()})[1]
+    assert repeated.ours == pytest.approx(once.ours) and repeated.se == pytest.approx(once.se)
+    mixed = {k: np.stack([v, np.roll(v, 7)], axis=1) for k, v in ranks.items()}
+    assert target_checks(mixed)[1].se < once.se  # a second, different event per user helps

@@ -17,6 +17,7 @@ from onerec.metrics import (
     evaluate_scorer,
     filter_topk_seen,
     gains,
+    last_out,
     leave_last_out,
     mask_seen,
     metrics_from_ranks,
@@ -71,6 +72,21 @@ def test_leave_last_out_holds_out_the_latest_event_and_skips_short_users(tiny: D
     np.testing.assert_array_equal(split.history_end - split.history_start, [2, 3])
     assert len(leave_last_out(tiny, min_events=4)) == 1
     assert len(leave_last_out(tiny, min_events=2)) == 3
+
+
+def test_last_out_holds_out_each_of_the_last_n_events_against_its_own_history(
+    tiny: Dataset,
+) -> None:
+    split = last_out(tiny, 2, min_events=2)
+    ts = tiny.events["timestamp"].to_numpy()
+    np.testing.assert_array_equal(split.users, [0, 0, 2, 2])  # u1 has 2 events: too few
+    np.testing.assert_array_equal(ts[split.history_end], [20, 30, 3, 4])
+    np.testing.assert_array_equal(split.history_end - split.history_start, [1, 2, 2, 3])
+    np.testing.assert_array_equal(split.target_items, tiny.item_index()[split.history_end])
+    last = leave_last_out(tiny)
+    np.testing.assert_array_equal(split.history_end[1::2], last.history_end)
+    assert len(last_out(tiny, 3, min_events=2)) == 3  # u2 alone has 4 events
+    np.testing.assert_array_equal(last_out(tiny, 2).users, [2, 2])  # 2 events before the first
 
 
 def test_target_rank_gives_the_textbook_values() -> None:

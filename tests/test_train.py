@@ -61,6 +61,40 @@ def test_samples_never_target_the_held_out_last_event(setup) -> None:
     assert (source.cuts >= 1).all()
 
 
+def test_test_events_and_the_validation_event_before_them_are_never_trained_on(setup) -> None:
+    """With ``test_events=3`` (``onerec build --test-events``) no SID target or ranker
+    window target is one of a user's last four events; the fourth from last validates."""
+    ds, item_tables, cfg = setup
+    source = SampleSource(
+        ds,
+        item_tables,
+        cfg,
+        samples_per_user=50,
+        seed=0,
+        targets_per_sample=8,
+        validation=True,
+        test_events=3,
+    )
+    ev = source.events
+    lengths = np.diff(ev.offsets)
+    _, targets, _ = source.batch(np.arange(len(source)))
+    for i, (u, cut) in enumerate(zip(source.users.tolist(), source.cuts.tolist(), strict=True)):
+        n = int((targets[i, :, 0] >= 0).sum())
+        assert n >= 1 and cut + n <= lengths[u] - 4
+    bounds = list(zip(ev.offsets[:-1], ev.offsets[1:], strict=True))
+    expected = np.concatenate([ev.items[lo + 1 : hi - 4] + 1 for lo, hi in bounds])
+    windows = ranker_windows(source)
+    real = (windows[:, :-1] > 0) & (windows[:, 1:] > 0)
+    np.testing.assert_array_equal(np.sort(windows[:, 1:][real]), np.sort(expected))
+    validation = _ranker_validation(source).numpy()
+    np.testing.assert_array_equal(validation[:, -1], [ev.items[hi - 4] + 1 for _, hi in bounds])
+    (_, val_targets), *_ = source.validation_batches(len(lengths))
+    by_length = np.argsort(lengths, kind="stable")
+    np.testing.assert_array_equal(
+        val_targets[:, 0], item_tables.sids[ev.items[ev.offsets[by_length + 1] - 4]]
+    )
+
+
 def test_each_epoch_draws_fresh_cuts_from_the_same_users(setup) -> None:
     ds, item_tables, cfg = setup
     source = SampleSource(ds, item_tables, cfg, samples_per_user=3, seed=0)

@@ -50,9 +50,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     tok_dir = out / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file() and not args.force:
         stats = json.loads((tok_dir / "tokenizer.json").read_text())
+        if stats.get("test_events", 1) != args.test_events:
+            raise SystemExit(
+                f"{tok_dir} holds out {stats.get('test_events', 1)} events per user, not "
+                f"--test-events {args.test_events}: rebuild it with --force"
+            )
         console.print(f"reusing tokenizer in {tok_dir} (--force rebuilds)")
     else:
-        stats = tokenize_dataset(ds, tok_dir, tokenizer_config(args))
+        stats = tokenize_dataset(ds, tok_dir, tokenizer_config(args), test_events=args.test_events)
     print_tokenizer(stats)
     if STAGES.index(args.until) >= STAGES.index("model"):
         _build_model(out, args)
@@ -179,6 +184,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if artefacts exist")
     p.add_argument("--until", choices=STAGES, default="repository", help="last stage to build")
     p.add_argument("--repository", default=str(TEMPLATE), help="Triton model repository")
+    p.add_argument(
+        "--test-events",
+        type=int,
+        default=1,
+        help="each user's last events held out of the SIDs and of training, for evaluation",
+    )
     add_budget_knobs(p, TrainConfig())
     p.add_argument(
         "--reward-minutes",

@@ -49,33 +49,39 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate OneRec against popularity, SASRec and (synthetic) the oracle."""
-    from onerec.experiment import METRICS, evaluate_artifacts, target_checks, write_eval_report
-    from onerec.metrics import metrics_from_ranks
+    from onerec.experiment import (
+        METRICS,
+        TargetCheck,
+        evaluate_artifacts,
+        quality_entry,
+        write_eval_report,
+    )
+    from onerec.stage_analysis import stage_lines
 
     artifacts = Path(args.artifacts)
     started = time.perf_counter()
     evaluation = evaluate_artifacts(
         artifacts, args.beam_width, args.sasrec_epochs, args.max_users, args.seed
     )
-    ranks = evaluation.ranks
-    details = {
+    entry = quality_entry(evaluation) | {
         "beam_width": args.beam_width,
         "users": args.max_users or "all",
         "seconds": round(time.perf_counter() - started, 1),
-        "training": evaluation.training,
     }
-    results = {model: metrics_from_ranks(r) for model, r in ranks.items()}
-    checks = target_checks(ranks)
-    write_eval_report(args.name or artifacts.name, results, checks, Path(args.reports), details)
-    table = Table(title=f"evaluation: {args.name or artifacts.name}")
-    table.add_column("model")
-    for metric in METRICS:
-        table.add_column(metric, justify="right")
-    for model, m in results.items():
-        table.add_row(model, *(f"{m[k]:.4f}" for k in METRICS))
-    console.print(table)
-    for check in checks:
-        console.print(check.line())
+    name = args.name or artifacts.name
+    write_eval_report(name, entry, Path(args.reports))
+    for key in ("", *(k for k in entry if k.startswith("last_"))):
+        section = entry[key] if key else entry
+        table = Table(title=f"evaluation: {name}" + (f", {key.replace('_', ' ')}" if key else ""))
+        table.add_column("model")
+        for metric in METRICS:
+            table.add_column(metric, justify="right")
+        for model, m in section["models"].items():
+            table.add_row(model, *(f"{m[k]:.4f}" for k in METRICS))
+        console.print(table)
+        for check in section["targets"]:
+            console.print(TargetCheck(**check).line())
+    console.print("\n".join(stage_lines(entry["stages"])))
     return 0
 
 
