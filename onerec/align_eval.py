@@ -116,6 +116,7 @@ class Decoder:
                 part,
                 self.beam_width,
                 self.events,
+                final_expand=1,  # the beams alone: what the served P-Score scores
             )
             out.append(Decoded(part, found, self.pscore(split, part, found.items)))
         return out

@@ -23,7 +23,7 @@ from onerec.model import OneRec, TorchSearch
 from onerec.runtime.beam_search import constrained_beam_search
 from onerec.runtime.lifelong import compress_history
 from onerec.runtime.pathways import build_pathways, collate
-from onerec.runtime.ranking import rank_candidates
+from onerec.runtime.ranking import FINAL_EXPAND, rank_candidates
 from onerec.runtime.sid_index import SIDIndex
 from onerec.train import ItemTables
 
@@ -56,6 +56,7 @@ def candidates(
     rows: np.ndarray,
     beam_width: int,
     events: EventArrays | None = None,
+    final_expand: int = FINAL_EXPAND,
 ) -> Candidates:
     """The split rows' beams, as items, with what the ranking stage needs."""
     events = events or EventArrays.from_dataset(ds)
@@ -74,7 +75,9 @@ def candidates(
     kv = model.decoder.cross_kv(memory)
 
     search = TorchSearch(model.decoder, keep, kv)
-    result = constrained_beam_search(search, len(rows), beam_width, index.trie)
+    result = constrained_beam_search(
+        search, len(rows), beam_width, index.trie, final_expand=final_expand
+    )
     leaves = np.where(
         result.valid,
         index.trie.leaf_of(result.sids.reshape(-1, cfg.sid_levels)).reshape(result.valid.shape),
@@ -124,6 +127,7 @@ def beam_ranks(
     rows: np.ndarray,
     beam_width: int,
     weights: tuple[float, ...],
+    final_expand: int = FINAL_EXPAND,
     batch_size: int = 32,
 ) -> tuple[dict[float, np.ndarray], np.ndarray]:
     """Target ranks of ``rows`` among every item the beams reached, seen items removed,
@@ -136,7 +140,9 @@ def beam_ranks(
     counts = []
     for lo in range(0, len(rows), batch_size):
         chunk = rows[lo : lo + batch_size]
-        found = candidates(model, ds, item_tables, index, split, chunk, beam_width, events)
+        found = candidates(
+            model, ds, item_tables, index, split, chunk, beam_width, events, final_expand
+        )
         targets = split.target_items[chunk]
         for w in weights:
             ranked = filter_topk_seen(found.ranked(table, w), split, ds, chunk)

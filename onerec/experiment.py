@@ -28,6 +28,7 @@ from onerec.evaluate import beam_ranks, fit_rank_weight, served_ranking
 from onerec.metrics import Split, gains, last_out, metrics_from_ranks, scorer_ranks
 from onerec.model import OneRec
 from onerec.runtime.config import OneRecConfig
+from onerec.runtime.ranking import FINAL_EXPAND
 from onerec.runtime.sid_index import SIDIndex
 from onerec.semantic_ids import load_item_sids
 from onerec.stage_analysis import HEAD_ONLY, beam_stages, recall_at, stage_lines
@@ -186,14 +187,15 @@ def evaluate_artifacts(
     started = time.perf_counter()
     model = load_model(artifacts, item_tables)
     served = served_ranking(model)[1]
-    weights = (0.0, served, HEAD_ONLY)
-    found, counts = beam_ranks(model, ds, item_tables, index, split, rows, beam_width, weights)
-    ranks["onerec"] = found[served]
-    stages = {f"beam {beam_width}": beam_stages(found, counts, served)}
-    wide, wide_counts = beam_ranks(
-        model, ds, item_tables, index, split, rows, 4 * beam_width, (served,)
-    )
-    stages[f"beam {4 * beam_width}"] = beam_stages(wide, wide_counts, served)
+    stages = {}
+    for width, expand in ((beam_width, 1), (beam_width, FINAL_EXPAND), (4 * beam_width, 1)):
+        weights = (0.0, served, HEAD_ONLY)
+        found, counts = beam_ranks(
+            model, ds, item_tables, index, split, rows, width, weights, expand
+        )
+        stages[f"beam {width} x{expand}"] = beam_stages(found, counts, served)
+        if (width, expand) == (beam_width, FINAL_EXPAND):  # as served
+            ranks["onerec"] = found[served]
     log.info("onerec evaluated in %.1fs", time.perf_counter() - started)
 
     popularity = PopularityModel.fit(ds, split)

@@ -2,10 +2,11 @@
 
 A held-out item can be lost in three places: no beam reaches it (the candidates' recall
 bounds everything after), the SID model orders it low, or the ranking stage does. Each is
-measured alone from one beam search: the candidates' recall at the served beam width and
-at four times it, NDCG@10 in beam order (ranking weight 0), under the ranking head alone,
-and as served (the fitted weight). SASRec's recall at the same number of items says
-whether the candidates are worse than the baseline's own top of that size.
+measured alone, per search: the candidates' recall, NDCG@10 in beam order (ranking weight
+0), under the ranking head alone, and as served (the fitted weight). The searches are the
+served one (beam width W, the last level's best ``FINAL_EXPAND`` x W completions), the
+beams alone (x1) and a search four times as wide. SASRec's recall at the same number of
+items says whether the candidates are worse than the baseline's own top of that size.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def recall_at(ranks: np.ndarray, sizes: list[int]) -> dict[str, float]:
 def stage_lines(stages: dict[str, Any]) -> list[str]:
     """Markdown table of :func:`beam_stages` entries, one row per beam width."""
     lines = [
-        "| beam | items | candidate recall | NDCG@10 beam order | head only | served |"
+        "| search | items | candidate recall | NDCG@10 beam order | head only | served |"
         " Recall@50 served |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -62,7 +63,8 @@ def stage_lines(stages: dict[str, Any]) -> list[str]:
             return f"{s[key]['ndcg@10']:.4f}" if key in s else "-"
 
         lines.append(
-            f"| {name.split()[1]} | {s['candidates']:.0f} | {s['candidate_recall']:.4f} | "
+            f"| {name.removeprefix('beam ')} | {s['candidates']:.0f} | "
+            f"{s['candidate_recall']:.4f} | "
             f"{ndcg('sid_order')} | {ndcg('head_only')} | {ndcg('served')} | "
             f"{s['served']['recall@50']:.4f} |"
         )

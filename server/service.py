@@ -41,7 +41,7 @@ from google.protobuf.message import DecodeError
 from onerec.runtime.config import OneRecConfig
 from onerec.runtime.engagement import is_positive
 from onerec.runtime.pathways import request_flops
-from onerec.runtime.ranking import rank_by_reward, rank_candidates
+from onerec.runtime.ranking import FINAL_EXPAND, rank_by_reward, rank_candidates
 from onerec.runtime.reward import RewardMeta
 from onerec.v1 import recommender_pb2 as pb
 from onerec.v1 import recommender_pb2_grpc as pb_grpc
@@ -240,10 +240,13 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             reason = prep.fallback or "model_unavailable"
             return await self._fallback(prep, reason, count, request.request_id)
         pathways = prep.built.pathways
+        # The ranking head orders FINAL_EXPAND x the beams' SIDs, free to decode; the
+        # P-Score costs per candidate, so the reward model scores the beams alone.
+        sids = beam if by_reward else FINAL_EXPAND * beam
         started = time.perf_counter()
         try:
             decoded = await ctx.model.recommend(
-                pathways, beam, beam, prep.exclude_sids, triton_budget(context.time_remaining())
+                pathways, beam, sids, prep.exclude_sids, triton_budget(context.time_remaining())
             )
         except TritonUnavailable as e:
             self._triton_down_log.warning("triton unavailable: %s", e)

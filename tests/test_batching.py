@@ -73,7 +73,7 @@ def test_ragged_requests_decode_as_if_alone(onnx) -> None:
     for r in requests:
         check_encoder_request(r, CFG)
     encoded = encode_batch(encoder, requests)
-    widths, counts = (16, 4, 9), (5, 4, 9)
+    widths, counts = (16, 4, 9), (5, 13, 9)  # 13 > 4: the last level's next completions
     decoder_requests = [
         {
             "keep": keep,
@@ -94,6 +94,9 @@ def test_ragged_requests_decode_as_if_alone(onnx) -> None:
         np.testing.assert_array_equal(together[i].sids, alone.sids)
         np.testing.assert_allclose(together[i].scores, alone.scores, atol=1e-5)
         assert trie.contains(together[i].sids[0][together[i].sids[0, :, 0] >= 0]).all()
+    [beams] = decode_batch(decoder, trie, [decoder_requests[1] | {"count": np.array([[4]])}])
+    np.testing.assert_array_equal(together[1].sids[:, :4], beams.sids)  # the beams come first
+    assert (together[1].sids[0, 4:, 0] >= 0).any()  # as many as those beams can complete
 
 
 def test_bad_requests_fail_alone(onnx) -> None:
@@ -120,7 +123,7 @@ def test_a_failing_batch_fails_each_request_but_returns() -> None:
     ("change", "field"),
     [
         ({"beam_width": np.array([[0]], np.int32)}, "beam_width"),
-        ({"count": np.array([[9]], np.int32)}, "count"),
+        ({"count": np.array([[33]], np.int32)}, "count"),  # beyond 4 x beam_width
         ({"exclude_sids": np.full((1, 2, 3), 8)}, "exclude_sids"),
         ({"keep": np.ones((1, 2), bool)}, "cross_kv"),
         ({"cross_kv": lambda kv: kv[:, :, :1]}, "cross_kv"),  # too few heads

@@ -321,6 +321,39 @@ def test_per_request_widths_equal_separate_searches() -> None:
         assert not mixed.valid[i, w:].any()
 
 
+def test_final_expand_returns_every_best_completion_of_the_last_beams() -> None:
+    """``final_expand`` keeps more SIDs from the same decoder steps: the first W are the
+    plain search's, and all of them are the best completions of the plain search's
+    last-level prefixes (brute force over those prefixes' legal codes)."""
+    k, width, expand = 16, 8, 4
+    trie = _catalog(2_000, 3, k, seed=6)
+    users = np.array([3, 4, 9])
+    widths = np.array([8, 3, 8])
+    plain = constrained_beam_search(hashed_step(users, k), len(users), widths, trie)
+    wide = constrained_beam_search(
+        hashed_step(users, k), len(users), widths, trie, final_expand=expand
+    )
+    _check_well_formed(wide, trie, len(users), width * expand)
+    for b, w in enumerate(widths):
+        np.testing.assert_array_equal(wide.sids[b, :w], plain.sids[b, :w])
+        np.testing.assert_array_equal(wide.scores[b, :w], plain.scores[b, :w])
+    level_two = constrained_beam_search(
+        hashed_step(users, k), len(users), widths, SIDTrie.from_codes(trie.sids[:, :2], k)
+    )
+    for b, w in enumerate(widths):
+        prefixes = {tuple(p) for p in level_two.sids[b][level_two.valid[b]]}
+        reachable = np.array([s for s in np.unique(trie.sids, axis=0) if tuple(s[:2]) in prefixes])
+        scores = _path_scores(hashed_step(users[b : b + 1], k), reachable, 1)[0]
+        best, best_scores = _ranked(reachable, scores)
+        n = min(int(w) * expand, len(best))
+        assert wide.valid[b].sum() == n
+        got, got_scores = _ranked(wide.sids[b, :n], wide.scores[b, :n])
+        np.testing.assert_array_equal(got, best[:n])
+        np.testing.assert_allclose(got_scores, best_scores[:n], rtol=1e-6)
+    with pytest.raises(ValueError, match="final_expand"):
+        constrained_beam_search(zero_step(k), 1, 4, trie, final_expand=0)
+
+
 def test_bad_widths_are_rejected() -> None:
     trie = _catalog(100, 3, 8, seed=1)
     with pytest.raises(ValueError, match="beam widths"):

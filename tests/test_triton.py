@@ -224,7 +224,7 @@ def test_catalog_update_takes_effect_without_restart(served) -> None:
     [
         ({"beam_width": np.array([[0]], np.int32)}, "beam_width"),
         ({"beam_width": np.array([[513]], np.int32)}, "beam_width"),
-        ({"count": np.array([[20]], np.int32)}, "count"),
+        ({"count": np.array([[65]], np.int32)}, "count"),  # beam 16: at most 4 x 16
         ({"short_items": np.array([[10**9]], np.int64)}, "short_items"),
         ({"static": np.zeros((1, 9), np.int64)}, "static"),
         ({"exclude_sids": np.zeros((1, 2, 5), np.int64)}, "exclude_sids"),

@@ -32,6 +32,9 @@ from onerec.runtime.pathways import PATHWAY_INPUTS, collate
 from onerec.runtime.trie import SIDTrie
 
 MAX_BEAM_WIDTH = 512
+# A request may take up to this many times its beam width in SIDs: the best completions of
+# the last level's beams (constrained_beam_search's ``final_expand``), at no decoder cost.
+MAX_FINAL_EXPAND = 4
 
 
 class RequestError(ValueError):
@@ -178,8 +181,10 @@ def check_decoder_request(
     width, count = request["beam_width"][:, 0], request["count"][:, 0]
     if ((width < 1) | (width > MAX_BEAM_WIDTH)).any():
         raise RequestError(f"beam_width: must be in 1..{MAX_BEAM_WIDTH}, got {width.tolist()}")
-    if ((count < 1) | (count > width)).any():
-        raise RequestError(f"count: must be in 1..beam_width, got {count.tolist()}")
+    if ((count < 1) | (count > MAX_FINAL_EXPAND * width)).any():
+        raise RequestError(
+            f"count: must be in 1..{MAX_FINAL_EXPAND} x beam_width, got {count.tolist()}"
+        )
     exclude = request.get("exclude_sids")
     if exclude is not None:
         if exclude.ndim != 3 or exclude.shape[2] != trie.levels:
@@ -202,7 +207,9 @@ def decode_batch(
     """Valid requests -> their ranked SIDs: one beam search, one ONNX call per level.
 
     Rows are padded to the longest encoder output (masked by ``keep``) and searched at the
-    widest beam; each row is cut back to its own width by the search itself.
+    widest beam; each row is cut back to its own width by the search itself. A count above
+    a row's width takes the best completions of its last-level beams: the batch's last level
+    keeps as many as its largest such ratio asks, and each row is cut to its own count.
     """
     longest = max(r["keep"].shape[1] for r in requests)
     keep = np.concatenate([_pad_to(r["keep"], longest, 1) for r in requests])  # (N, T)
@@ -225,6 +232,7 @@ def decode_batch(
         widths,
         trie,
         exclude=exclude_leaves(trie, [e[(e >= 0).all(axis=1)] for e in excluded]),
+        final_expand=int(np.max(-(-counts // widths))),  # ceil: every row gets its count
     )
     out, start = [], 0
     for r in requests:

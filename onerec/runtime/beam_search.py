@@ -55,9 +55,9 @@ class StepFn(Protocol):
 class BeamResult:
     """Beams of each request, best first."""
 
-    sids: np.ndarray  # (B, W, L) int64, -1 on invalid beams
-    scores: np.ndarray  # (B, W) float32 total log-probability, -inf on invalid beams
-    valid: np.ndarray  # (B, W) bool
+    sids: np.ndarray  # (B, W', L) int64, -1 on invalid beams; W' = W * final_expand
+    scores: np.ndarray  # (B, W') float32 total log-probability, -inf on invalid beams
+    valid: np.ndarray  # (B, W') bool
 
 
 def _top_k(x: np.ndarray, k: int) -> np.ndarray:
@@ -126,14 +126,21 @@ def constrained_beam_search(
     beam_width: int | np.ndarray,
     trie: SIDTrie,
     exclude: np.ndarray | None = None,
+    final_expand: int = 1,
 ) -> BeamResult:
-    """The ``beam_width`` best catalog SIDs for each of ``batch_size`` requests.
+    """The ``beam_width * final_expand`` best catalog SIDs for each of ``batch_size``
+    requests, from a search ``beam_width`` wide.
 
     ``beam_width`` is one width for all, or (B,) widths: the batch is searched at the
     largest, and each level cuts request b back to its best ``beam_width[b]`` beams, which
     is exactly a search at that width (the rest are dead). ``exclude`` (B, E) lists leaf
     ids (``trie.leaf_of``) that request b must not receive, padded with -1; see
     :func:`exclude_leaves`.
+
+    ``final_expand`` keeps that many times more completions at the last level: no step
+    follows it, so the extra SIDs cost the decoder nothing, and the items under the
+    search's last prefixes all reach the ranking stage (docs/findings.md measured what
+    that does to the candidates' recall).
     """
     widths = np.broadcast_to(np.asarray(beam_width, dtype=np.int64), (max(batch_size, 0),))
     if batch_size < 0 or (widths < 1).any() or np.ndim(beam_width) > 1:
@@ -141,8 +148,9 @@ def constrained_beam_search(
             f"need batch_size >= 0 and beam widths >= 1, got {batch_size}, {beam_width}"
         )
     n_req, k = batch_size, trie.codebook_size
+    if final_expand < 1:
+        raise ValueError(f"final_expand must be >= 1, got {final_expand}")
     width = int(np.max(beam_width, initial=1))
-    beyond = np.arange(width)[None, :] >= widths[:, None]  # (B, W) beams a request lacks
     exclude = _check_exclude(exclude, n_req, trie)
     prefix = np.full((n_req, width), -1, np.int64)  # (B, W) prefix ids, -1 = dead
     prefix[:, 0] = 0
@@ -166,12 +174,14 @@ def constrained_beam_search(
         with np.errstate(invalid="ignore"):  # a dead beam's -inf plus +inf: NaN, masked next
             cand += scores[:, :live, None]
         cand = np.where(legal, cand, np.float32(-np.inf)).reshape(n_req, live * k)
-        flat = _top_k(cand, min(width, live * k))  # (B, <= W) best first
+        last = level == trie.levels - 1
+        keep, cap = (width * final_expand, widths * final_expand) if last else (width, widths)
+        flat = _top_k(cand, min(keep, live * k))  # (B, <= W') best first
         scores = np.take_along_axis(cand, flat, axis=1)
-        pad = ((0, 0), (0, width - flat.shape[1]))  # fewer candidates than beams: dead ones
-        flat = np.pad(flat, pad)  # (B, W)
-        scores = np.pad(scores, pad, constant_values=-np.inf)  # (B, W)
-        scores[beyond] = -np.inf
+        pad = ((0, 0), (0, keep - flat.shape[1]))  # fewer candidates than beams: dead ones
+        flat = np.pad(flat, pad)  # (B, W')
+        scores = np.pad(scores, pad, constant_values=-np.inf)  # (B, W')
+        scores[np.arange(keep) >= cap[:, None]] = -np.inf  # beyond a request's own width
         alive = scores > -np.inf
         beam, code = np.divmod(flat, k)  # (B, W) parent beam and new code
         prefix = np.where(alive, trie.advance(level, prefix[rows, beam], code), -1)

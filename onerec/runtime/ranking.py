@@ -25,6 +25,11 @@ from __future__ import annotations
 
 import numpy as np
 
+# The ranking stage orders this many times the beam width of SIDs: the search's best
+# completions of its last-level beams (onerec.runtime.beam_search's ``final_expand``),
+# which cost the decoder nothing and raise the candidates' recall (docs/findings.md).
+FINAL_EXPAND = 4
+
 
 def rank_candidates(
     users: np.ndarray, table: np.ndarray, tokens: np.ndarray, sid_logp: np.ndarray
