@@ -35,9 +35,8 @@ def beam_stages(
         "candidates": round(float(counts.mean()), 1),
         "candidate_recall": round(float((any_ranks != MISS).mean()), 4),
     }
-    names = {0.0: "sid_order", served: "served", HEAD_ONLY: "head_only"}
-    for weight, name in names.items():
-        if weight in ranks:
+    for name, weight in (("sid_order", 0.0), ("head_only", HEAD_ONLY), ("served", served)):
+        if weight in ranks:  # a fitted weight of 0 serves the beam order itself
             out[name] = _metrics(ranks[weight])
     return out
 
