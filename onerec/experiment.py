@@ -188,8 +188,8 @@ def evaluate_artifacts(
     model = load_model(artifacts, item_tables)
     served = served_ranking(model)[1]
     stages = {}
+    weights = (0.0, served, HEAD_ONLY)
     for width, expand in ((beam_width, 1), (beam_width, FINAL_EXPAND), (4 * beam_width, 1)):
-        weights = (0.0, served, HEAD_ONLY)
         found, counts = beam_ranks(
             model, ds, item_tables, index, split, rows, width, weights, expand
         )
