@@ -72,6 +72,16 @@ def redis_server(redis_binary, tmp_path_factory):
 
 TINY_DATA = ["--users", "40", "--items", "700", "--max-history", "300", "--codebook-size", "16"]
 TINY_SIZES = {"d_model": 32, "d_ff": 64, "d_expert": 64, "lifelong_len": 50, "positive_len": 32}
+# A model small enough to train in seconds, for the trainer and the aligner's tests.
+SMALL_MODEL = {
+    "d_model": 32,
+    "n_heads": 2,
+    "d_ff": 64,
+    "d_expert": 32,
+    "positive_len": 32,
+    "lifelong_len": 64,
+    "n_queries": 8,
+}
 
 
 @pytest.fixture(scope="session")

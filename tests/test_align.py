@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_MODEL
 
 from onerec.align import (
     Aligner,
@@ -42,15 +43,6 @@ from onerec.tokenizer import SemanticTokenizer, TokenizerConfig
 from onerec.train import ItemTables, build_model, model_config
 from onerec.train_config import RewardConfig
 
-SIZES = {
-    "d_model": 32,
-    "n_heads": 2,
-    "d_ff": 64,
-    "d_expert": 32,
-    "positive_len": 32,
-    "lifelong_len": 64,
-    "n_queries": 8,
-}
 TINY = AlignConfig(users_per_step=16, group=8, inner_steps=2, lr=3e-3, ntp_weight=0.0, threads=1)
 
 
@@ -62,7 +54,7 @@ def setup():
     tables = ItemTables.build(ds, emb, codes)
     popularity = np.bincount(ds.item_index(), minlength=ds.n_items)
     index = SIDIndex.build(codes, collision_ranks(codes, popularity), 8)
-    cfg = model_config(ds, tables, 8, **SIZES)
+    cfg = model_config(ds, tables, 8, **SMALL_MODEL)
     torch.manual_seed(0)
     model = build_model(cfg, tables).eval()
     states = UserStates(ds, tables, index, cfg, validation_split(ds))
@@ -228,7 +220,7 @@ def test_align_then_align_eval_on_a_tiny_artefact(tmp_path) -> None:
     data = ["--users", "40", "--items", "300", "--max-history", "120", "--codebook-size", "8"]
     assert main(["build", "--out", str(art), "--until", "tokenizer", *data]) == 0
     ds, tables, _ = load_item_tables(art)
-    cfg = model_config(ds, tables, 8, **SIZES)
+    cfg = model_config(ds, tables, 8, **SMALL_MODEL)
     torch.manual_seed(0)
     (art / "model").mkdir()
     state = {"model": build_model(cfg, tables).state_dict(), "model_config": asdict(cfg)}

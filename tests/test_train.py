@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_MODEL
 
 from onerec.data.synthetic import SyntheticConfig, generate
 from onerec.embeddings import item_embeddings
@@ -23,16 +24,6 @@ from onerec.train import (
     train_ranker,
 )
 
-SIZES = {
-    "d_model": 32,
-    "n_heads": 2,
-    "d_ff": 64,
-    "d_expert": 32,
-    "positive_len": 32,
-    "lifelong_len": 64,
-    "n_queries": 8,
-}
-
 
 @pytest.fixture(scope="module")
 def setup():
@@ -40,7 +31,7 @@ def setup():
     _, emb = item_embeddings(ds.item_content, ds.user_index(), ds.item_index(), 8, 8)
     _, codes, _ = SemanticTokenizer.fit(emb, TokenizerConfig(codebook_size=8), progress=False)
     item_tables = ItemTables.build(ds, emb, codes)
-    cfg = model_config(ds, item_tables, 8, **SIZES)
+    cfg = model_config(ds, item_tables, 8, **SMALL_MODEL)
     return ds, item_tables, cfg
 
 
