@@ -51,7 +51,9 @@ k8s-check: install
 # time); about 70 minutes in all on 2 cores. EVAL_USERS samples users (default: every user).
 # Each user's last EVAL_TEST_EVENTS events are held out of the SIDs and of training: the
 # report's headline scores the last one, its last-5 row each of them against the history
-# up to it, and its stage analysis says where OneRec loses what it misses.
+# up to it, and its stage analysis says where OneRec loses what it misses. Every data set
+# gets the same flags: the codebook size follows the catalog's size, and the report lists it
+# beside the ranking weight, the one choice fitted (on validation events) per data set.
 ML_SMALL ?= ../shared/data/ml-latest-small
 EVAL_TEST_EVENTS ?= 5
 # The split follows validation: the SID model's best epoch was its last at 12 minutes, the
@@ -70,8 +72,7 @@ eval: install
 	$(BIN)/onerec train --artifacts artifacts/eval-synthetic $(EVAL_TRAIN)
 	$(BIN)/onerec eval --artifacts artifacts/eval-synthetic --name synthetic $(EVAL_FLAGS)
 	if [ -d $(ML_SMALL) ]; then \
-	  $(BIN)/onerec build --until tokenizer --source $(ML_SMALL) --out artifacts/ml-latest-small \
-	    --codebook-size 64 $(EVAL_BUILD) && \
+	  $(BIN)/onerec build --until tokenizer --source $(ML_SMALL) --out artifacts/ml-latest-small $(EVAL_BUILD) && \
 	  $(BIN)/onerec train --artifacts artifacts/ml-latest-small $(EVAL_TRAIN) && \
 	  $(BIN)/onerec eval --artifacts artifacts/ml-latest-small $(EVAL_FLAGS); \
 	fi
@@ -97,7 +98,7 @@ align-eval: install
 	$(BIN)/onerec align-eval --artifacts $(ALIGN_SYN) --name synthetic $(ALIGN_FLAGS) \
 	  --extra ecpo-sample ecpo-ntp0
 	if [ -d $(ML_SMALL) ]; then \
-	  $(BIN)/onerec build --until tokenizer --source $(ML_SMALL) --out $(ALIGN_ML) --codebook-size 64 && \
+	  $(BIN)/onerec build --until tokenizer --source $(ML_SMALL) --out $(ALIGN_ML) && \
 	  { test -f $(ALIGN_ML)/model/checkpoint.pt || $(BIN)/onerec train --artifacts $(ALIGN_ML) --minutes 4; } && \
 	  { test -f $(ALIGN_ML)/model/reward.pt || \
 	    $(BIN)/onerec reward --artifacts $(ALIGN_ML) --name ml-latest-small; } && \

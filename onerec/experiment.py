@@ -63,6 +63,20 @@ def test_events(artifacts: Path) -> int:
     return int(stats.get("test_events", 1))
 
 
+def per_dataset_choices(artifacts: Path) -> dict[str, Any]:
+    """What differs between data sets under ``make eval``'s one set of flags: the codebook
+    size, a rule of the catalog's size, and the ranking weight, fitted on validation events.
+    The report lists them so that a reader can see nothing else was set by hand."""
+    stats = json.loads((artifacts / "tokenizer" / "tokenizer.json").read_text())
+    choices: dict[str, Any] = {
+        "items": stats["items"],
+        "codebook_size": stats["config"]["codebook_size"],
+    }
+    if "rank_weight" in (training := training_summary(artifacts)):
+        choices["rank_weight"] = training["rank_weight"]
+    return choices
+
+
 def train_artifacts(
     artifacts: Path, train_cfg: TrainConfig, sizes: dict[str, int], resume: bool = False
 ) -> dict[str, Any]:
@@ -327,14 +341,26 @@ def write_eval_report(name: str, entry: dict[str, Any], reports: Path) -> None:
             n = key.split("_")[1]
             lines += [f"Each user's last {n} events, each against the history up to it:", ""]
             lines += _section_lines(entry[key])
+        if "choices" in entry:
+            lines += [_choices_line(entry["choices"]), ""]
         if "stages" in entry:
             lines += ["Where quality is lost (OneRec, every held-out event):", ""]
             lines += [*stage_lines(entry["stages"]), ""]
-        shown = {"models", "targets", "stages", *sections}
+        shown = {"models", "targets", "stages", "choices", *sections}
         extra = {k: v for k, v in entry.items() if k not in shown}
         if extra:
             lines += ["```", json.dumps(extra, indent=2), "```", ""]
     (reports / "eval.md").write_text("\n".join(lines))
+
+
+def _choices_line(choices: dict[str, Any]) -> str:
+    line = (
+        f"Chosen for this data set: codebook size {choices['codebook_size']} (the rule of "
+        f"catalog size, {choices['items']:,} items)"
+    )
+    if "rank_weight" in choices:
+        line += f", ranking weight {choices['rank_weight']} (fitted on validation events)"
+    return line + "; every other setting is make eval's, the same for every data set."
 
 
 def _section_lines(section: dict[str, Any]) -> list[str]:

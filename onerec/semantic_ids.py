@@ -92,7 +92,7 @@ def tokenize_dataset(
     stats.update(collision_stats(codes))
     stats.update(
         {
-            "config": asdict(cfg),
+            "config": asdict(tokenizer.config),
             "test_events": test_events,
             "embedding_dim": embedder.dim,
             "embedding_seconds": round(embed_s, 3),

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +38,31 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 
+# Leaves of the full trie per item, for the codebook size rule below.
+LEAVES_PER_ITEM = 16
+
+
+def codebook_size_for(n_items: int, levels: int) -> int:
+    """Codes per level for ``n_items``: the smallest power of two, at least 8, whose
+    ``levels``-deep trie has ``LEAVES_PER_ITEM`` leaves per item.
+
+    One rule for every data set instead of a size tuned to each by hand. The trie stays
+    sparse enough that balanced clusters rarely collide on the last level, and the first
+    level no finer than that needs, so that each first-level code gathers enough training
+    targets: 64 codes for 10k items, 128 for 100k, 256 for a million.
+    """
+    k = 8
+    while k**levels < LEAVES_PER_ITEM * n_items:
+        k *= 2
+    return k
+
+
 @dataclass(frozen=True)
 class TokenizerConfig:
+    """``codebook_size`` None: :func:`codebook_size_for` the items fitted."""
+
     levels: int = 3
-    codebook_size: int = 256
+    codebook_size: int | None = None
     iters: int = 10
     candidates: int = 16
     seed: int = 0
@@ -167,6 +188,8 @@ class SemanticTokenizer:
     ) -> tuple[SemanticTokenizer, np.ndarray, dict[str, Any]]:
         """Fit on (N, d) embeddings. Returns the tokenizer, the (N, L) codes and statistics."""
         cfg = config or TokenizerConfig()
+        if cfg.codebook_size is None:
+            cfg = replace(cfg, codebook_size=codebook_size_for(len(x), cfg.levels))
         residual = np.asarray(x, np.float64)
         codebooks, codes = [], []
         stats: dict[str, Any] = {"items": len(residual), "levels": []}

@@ -60,6 +60,10 @@ def test_build_train_eval_writes_the_report(tmp_path) -> None:
     assert training["onerec"]["epochs"] == 1 and training["onerec"]["best_epoch"] == 1
     assert training["onerec"]["ranker_epochs"] >= 1  # then the ranking stage alone
     assert training["sasrec"]["epochs"] >= 1 and training["sasrec"]["seconds"] > 0
+    choices = report["datasets"]["tiny"]["choices"]  # all that differs between data sets
+    assert choices["items"] == 150 and choices["codebook_size"] == 8
+    assert choices["rank_weight"] == training["onerec"]["rank_weight"]
+    assert f"ranking weight {choices['rank_weight']} (fitted on validation events)" in md
 
     assert main(["export", "--artifacts", str(art)]) == 0
     exported = sorted(p.name for p in (art / "onnx").iterdir())

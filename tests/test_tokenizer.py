@@ -15,6 +15,7 @@ from onerec.tokenizer import (
     TokenizerConfig,
     balanced_assign,
     balanced_kmeans,
+    codebook_size_for,
     collision_stats,
 )
 
@@ -102,6 +103,24 @@ def test_new_item_gets_a_valid_sid_from_saved_codebooks(tmp_path) -> None:
     err_new = ((loaded.decode(new) - x[1900:]) ** 2).sum(1).mean()
     err_train = ((loaded.decode(codes) - x[:1900]) ** 2).sum(1).mean()
     assert err_new < 1.5 * err_train
+
+
+def test_codebook_size_follows_the_catalog_not_a_flag(tmp_path) -> None:
+    # One rule for every data set: 16 leaves per item, powers of two, at least 8.
+    assert [codebook_size_for(n, 3) for n in (10, 9_742, 10_000, 100_000, 1_000_000)] == [
+        8,
+        64,
+        64,
+        128,
+        256,
+    ]
+    assert codebook_size_for(10_000, 2) == 512
+    x = _mixture(2000, seed=6)
+    tok, codes, stats = SemanticTokenizer.fit(x, TokenizerConfig(), progress=False)
+    assert tok.config.codebook_size == codebook_size_for(2000, 3) == 32
+    assert codes.max() < 32 and stats["levels"][0]["capacity"] == math.ceil(2000 / 32)
+    tok.save(tmp_path / "codebooks.npz")
+    assert SemanticTokenizer.load(tmp_path / "codebooks.npz").config.codebook_size == 32
 
 
 def test_collision_rule_ranks_by_popularity_then_catalog_order() -> None:

@@ -39,13 +39,14 @@ def cmd_bench_tokenizer(args: argparse.Namespace) -> int:
     embed_s = time.perf_counter() - started
     cfg = tokenizer_config(args)
     started = time.perf_counter()
-    _, codes, stats = SemanticTokenizer.fit(x, cfg)
+    tokenizer, codes, stats = SemanticTokenizer.fit(x, cfg)
+    k = tokenizer.config.codebook_size
     stats["seconds"] = time.perf_counter() - started
     stats.update(collision_stats(codes))
     print_tokenizer(stats)
     console.print(
         f"{len(ds.events):,} events: data {data_s:.1f}s, embeddings {embed_s:.1f}s; "
-        f"tokenizer for {args.items:,} items x {x.shape[1]} dims, K={cfg.codebook_size}: "
+        f"tokenizer for {args.items:,} items x {x.shape[1]} dims, K={k}: "
         f"[bold]{stats['seconds']:.1f}s[/]"
     )
     return 0

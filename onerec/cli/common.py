@@ -40,7 +40,12 @@ def add_synthetic_knobs(p: argparse.ArgumentParser) -> None:
 def add_tokenizer_knobs(p: argparse.ArgumentParser) -> None:
     defaults = TokenizerConfig()
     p.add_argument("--levels", type=int, default=defaults.levels)
-    p.add_argument("--codebook-size", type=int, default=defaults.codebook_size)
+    p.add_argument(
+        "--codebook-size",
+        type=int,
+        default=defaults.codebook_size,
+        help="codes per level (default: by catalog size, onerec.tokenizer.codebook_size_for)",
+    )
     p.add_argument("--iters", type=int, default=defaults.iters)
 
 

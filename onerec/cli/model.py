@@ -53,6 +53,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         METRICS,
         TargetCheck,
         evaluate_artifacts,
+        per_dataset_choices,
         quality_entry,
         write_eval_report,
     )
@@ -64,6 +65,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         artifacts, args.beam_width, args.sasrec_epochs, args.max_users, args.seed
     )
     entry = quality_entry(evaluation) | {
+        "choices": per_dataset_choices(artifacts),
         "beam_width": args.beam_width,
         "users": args.max_users or "all",
         "seconds": round(time.perf_counter() - started, 1),
