@@ -46,10 +46,11 @@ def codebook_size_for(n_items: int, levels: int) -> int:
     """Codes per level for ``n_items``: the smallest power of two, at least 8, whose
     ``levels``-deep trie has ``LEAVES_PER_ITEM`` leaves per item.
 
-    One rule for every data set instead of a size tuned to each by hand. The trie stays
-    sparse enough that balanced clusters rarely collide on the last level, and the first
-    level no finer than that needs, so that each first-level code gathers enough training
-    targets: 64 codes for 10k items, 128 for 100k, 256 for a million.
+    One rule for every data set instead of a size tuned to each by hand: 64 codes for 10k
+    items, 128 for 100k, 256 for a million. Coarse codes give each code more training
+    targets; the price is that some items share a full SID, which costs little because
+    every item of a decoded SID is a candidate (:mod:`onerec.runtime.sid_index`) and the
+    ranking stage orders them. docs/data.md has the collision rates.
     """
     k = 8
     while k**levels < LEAVES_PER_ITEM * n_items:
