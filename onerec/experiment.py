@@ -141,19 +141,8 @@ def _store_ranker(path: Path, model: OneRec) -> None:
 
 def load_model(artifacts: Path, item_tables: ItemTables) -> OneRec:
     state = torch.load(artifacts / "model" / "checkpoint.pt", weights_only=False)
-    config = state["model_config"]
-    if "next_item_window" in config:
-        raise ValueError(
-            f"{artifacts}/model: a checkpoint from before the ranking stage; train it again"
-        )
-    model = build_model(OneRecConfig(**config), item_tables)
+    model = build_model(OneRecConfig(**state["model_config"]), item_tables)
     weights = state["best"]["model"] if state.get("best") else state["model"]
-    # Before the ranking phase the head served the encoder's ID table, with no side
-    # information: the same scores.
-    weights.setdefault("next_item.items.weight", weights["encoder.item.weight"])
-    for name in ("vector", "author", "tag", "codes"):
-        side = getattr(model.next_item, name).weight
-        weights.setdefault(f"next_item.{name}.weight", torch.zeros_like(side))
     model.load_state_dict(weights)
     return model.eval()
 
