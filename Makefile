@@ -72,7 +72,8 @@ eval: install
 	$(BIN)/onerec train --artifacts artifacts/eval-synthetic $(EVAL_TRAIN)
 	$(BIN)/onerec eval --artifacts artifacts/eval-synthetic --name synthetic $(EVAL_FLAGS)
 	if [ -d $(ML_SMALL) ]; then \
-	  $(BIN)/onerec build --until tokenizer --source $(ML_SMALL) --out artifacts/ml-latest-small $(EVAL_BUILD) && \
+	  $(BIN)/onerec build --until tokenizer --source $(ML_SMALL) --out artifacts/ml-latest-small \
+	    $(EVAL_BUILD) && \
 	  $(BIN)/onerec train --artifacts artifacts/ml-latest-small $(EVAL_TRAIN) && \
 	  $(BIN)/onerec eval --artifacts artifacts/ml-latest-small $(EVAL_FLAGS); \
 	fi
