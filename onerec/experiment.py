@@ -30,7 +30,7 @@ from onerec.model import OneRec
 from onerec.runtime.config import OneRecConfig
 from onerec.runtime.ranking import FINAL_EXPAND
 from onerec.runtime.sid_index import SIDIndex
-from onerec.semantic_ids import load_item_sids
+from onerec.semantic_ids import load_item_sids, load_tokenizer_stats
 from onerec.stage_analysis import HEAD_ONLY, beam_stages, recall_at, stage_lines
 from onerec.tokenizer import SemanticTokenizer
 from onerec.train import (
@@ -59,7 +59,7 @@ def load_item_tables(artifacts: Path) -> tuple[Dataset, ItemTables, SIDIndex]:
 def test_events(artifacts: Path) -> int:
     """How many of each user's last events the artefacts hold out for evaluation (``onerec
     build --test-events``): the SIDs, training and evaluation must agree on them."""
-    stats = json.loads((artifacts / "tokenizer" / "tokenizer.json").read_text())
+    stats = load_tokenizer_stats(artifacts / "tokenizer")
     return int(stats.get("test_events", 1))
 
 
@@ -67,7 +67,7 @@ def per_dataset_choices(artifacts: Path) -> dict[str, Any]:
     """What differs between data sets under ``make eval``'s one set of flags: the codebook
     size, a rule of the catalog's size, and the ranking weight, fitted on validation events.
     The report lists them so that a reader can see nothing else was set by hand."""
-    stats = json.loads((artifacts / "tokenizer" / "tokenizer.json").read_text())
+    stats = load_tokenizer_stats(artifacts / "tokenizer")
     choices: dict[str, Any] = {
         "items": stats["items"],
         "codebook_size": stats["config"]["codebook_size"],

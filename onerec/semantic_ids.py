@@ -103,6 +103,11 @@ def tokenize_dataset(
     return stats
 
 
+def load_tokenizer_stats(directory: str | Path) -> dict[str, Any]:
+    """What :func:`tokenize_dataset` recorded: the statistics, the config, ``test_events``."""
+    return json.loads((Path(directory) / "tokenizer.json").read_text())
+
+
 def load_item_sids(directory: str | Path) -> ItemSIDs:
     return sids_from_frame(pd.read_parquet(Path(directory) / "item_sids.parquet"))
 

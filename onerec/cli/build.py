@@ -38,7 +38,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     """The offline pipeline: data set -> embeddings -> semantic IDs -> trained model ->
     Triton model repository. Each stage reuses what an earlier run left (``--force``
     redoes them); ``--until`` stops early."""
-    from onerec.semantic_ids import tokenize_dataset
+    from onerec.semantic_ids import load_tokenizer_stats, tokenize_dataset
 
     out = Path(
         args.out
@@ -49,7 +49,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     print_dataset(ds)
     tok_dir = out / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file() and not args.force:
-        stats = json.loads((tok_dir / "tokenizer.json").read_text())
+        stats = load_tokenizer_stats(tok_dir)
         if stats.get("test_events", 1) != args.test_events:
             raise SystemExit(
                 f"{tok_dir} holds out {stats.get('test_events', 1)} events per user, not "
