@@ -6,12 +6,13 @@ always``) loaded with the build's data set, one ``onerec triton`` (tritonserver 
 supervisor) on the build's model repository, and two front ends A and B (``onerec serve
 --triton-url ... --feature-store redis://...``) sharing both.
 
-Clients sit behind a client-side balancer: round robin over A and B, and one retry on the
-other front end after a transport error (UNAVAILABLE, DEADLINE_EXCEEDED), as a load
-balancer would. About 80% of the calls are Recommend, 20% LogEvents of one event with a
-unique timestamp and request_id; a LogEvents that was not acknowledged is sent again with
-the same request_id, with backoff, until it is. Every acknowledged event is remembered
-and, once each fault is over, read back from Redis: none may be lost.
+Clients sit behind a client-side balancer, as the Helm chart's Service sits behind
+readiness probes: round robin over the front ends whose overall health is SERVING (checked
+every quarter second), and one retry on the other front end after a transport error
+(UNAVAILABLE, DEADLINE_EXCEEDED). About 80% of the calls are Recommend, 20% LogEvents of
+one event with a unique timestamp and request_id; a LogEvents that was not acknowledged is
+sent again with the same request_id, with backoff, until it is. Every acknowledged event
+is remembered and, once each fault is over, read back from Redis: none may be lost.
 
 First the peak (a closed loop, Recommend only). Then four faults in turn, each after a
 steady window, under a closed loop: ``kill -9`` of front end A (restarted at once, as
@@ -74,6 +75,9 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 FRONTS = ("A", "B")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# The balancer's health checks: well inside the drain, so a draining front end is out of
+# the rotation before it stops (grpc cancels calls that reach a stopping server).
+HEALTH_EVERY_S = 0.25
 # A client reconnects soon after a front end returns, as a balancer's health checks would;
 # grpc's default reconnect backoff (1 s, growing to 120 s) would time the client, not us.
 CHANNEL_OPTIONS = [
@@ -149,16 +153,34 @@ class Reply:
 
 
 class Fleet:
-    """The client half of a load balancer over A and B: round robin, and one retry on the
-    other front end after a transport error."""
+    """The client half of a load balancer over A and B: round robin over the front ends in
+    rotation (overall health SERVING at the last check), and one retry on the other front
+    end after a transport error. With none in rotation it tries them all in turn."""
 
     def __init__(self, addresses: list[str]) -> None:
         self.channels = [grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in addresses]
         self.stubs = [pb_grpc.RecommenderStub(c) for c in self.channels]
+        self._health = [health_pb2_grpc.HealthStub(c) for c in self.channels]
+        self.in_rotation = [True] * len(addresses)
         self._turn = itertools.count()
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch_health, daemon=True)
+        self._watcher.start()
+
+    def _watch_health(self) -> None:
+        request = health_pb2.HealthCheckRequest(service="")
+        while not self._stop.wait(HEALTH_EVERY_S):
+            for front, stub in enumerate(self._health):
+                try:
+                    up = stub.Check(request, timeout=HEALTH_EVERY_S).status == SERVING
+                except grpc.RpcError:
+                    up = False
+                self.in_rotation[front] = up
 
     def call(self, method: str, request, timeout_s: float) -> Reply:
         front, retried = next(self._turn) % 2, False
+        if not self.in_rotation[front] and self.in_rotation[1 - front]:
+            front = 1 - front
         while True:
             try:
                 return Reply(
@@ -170,6 +192,8 @@ class Fleet:
             front, retried = 1 - front, True
 
     def close(self) -> None:
+        self._stop.set()
+        self._watcher.join()
         for channel in self.channels:
             channel.close()
 
@@ -932,7 +956,11 @@ def problems(report: dict, max_growth_pct: float) -> list[dict]:
                 f"{name}: not recovered within {report['settings']['recovery_timeout_s']:g} s",
             )
         if name == "frontend_drain" and f["failed"]:
-            add("drain", f"{name}: {f['failed']} calls failed despite the drain and the retry")
+            add(
+                "drain",
+                f"{name}: {f['failed']} calls failed despite the drain and the retry "
+                f"({', '.join(f'{k}: {v}' for k, v in f['failures'].items())})",
+            )
         acked_down = f["detail"].get("during_outage", {})
         for key in ("LogEvents acked", "Recommend model"):
             if acked_down.get(key):
@@ -989,10 +1017,11 @@ def markdown(r: dict) -> str:
         f"{cfg['clients']} closed-loop clients over {cfg['users']} users, "
         f"{1 - cfg['log_share']:.0%} Recommend (count 10, beam 128, timeout "
         f"{cfg['timeout_s']:g} s), {cfg['log_share']:.0%} LogEvents of one event with a unique "
-        f"request_id. Round robin over A and B; a transport error (UNAVAILABLE, "
-        f"DEADLINE_EXCEEDED) is retried once on the other front end; an unacknowledged "
-        f"LogEvents is sent again with its request_id (backoff 0.2 s doubling to 2 s) "
-        f"until acknowledged.\n\n"
+        f"request_id. Round robin over the front ends whose overall health was SERVING at "
+        f"the last check (every {HEALTH_EVERY_S:g} s, as readiness probes take a pod out of "
+        f"a Service); a transport error (UNAVAILABLE, DEADLINE_EXCEEDED) is retried once on "
+        f"the other front end; an unacknowledged LogEvents is sent again with its "
+        f"request_id (backoff 0.2 s doubling to 2 s) until acknowledged.\n\n"
         f"Peak before the faults: **{p['qps']:.1f} QPS** ({p['clients']} clients, "
         f"{p['seconds']:g} s closed loop, Recommend only, beam 128), p50 {_fmt(p['p50_ms'])} ms, "
         f"p99 {_fmt(p['p99_ms'])} ms.\n\n"
