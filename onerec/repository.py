@@ -91,8 +91,8 @@ def write_model_repository(
     items: ItemSIDs,
     served_items: ModelItems,
     dest: str | Path = TEMPLATE,
-    encoder_instances: int = 1,
-    decoder_instances: int = 1,
+    encoder_instances: int = 2,
+    decoder_instances: int = 2,
     reward: RewardModel | None = None,
     blend: float = 0.0,
 ) -> int:

@@ -85,7 +85,7 @@ def test_full_build_fills_a_model_repository(tmp_path) -> None:
     small = ["--users", "30", "--items", "120", "--max-history", "200", "--codebook-size", "8"]
     build = ["build", "--out", str(out), "--repository", str(repo), "--minutes", "0.05"]
     build += ["--ranker-minutes", "0.01", "--reward-minutes", "0.02"]
-    assert main([*build, "--decoder-instances", "2", *small]) == 0
+    assert main([*build, "--decoder-instances", "3", *small]) == 0
     assert (out / "model" / "checkpoint.pt").is_file()
     # The reward model, with the blend fitted on validation events, beside the decoder.
     meta = RewardMeta.load(repo / REWARD / "1" / REWARD_JSON)
@@ -96,7 +96,9 @@ def test_full_build_fills_a_model_repository(tmp_path) -> None:
     steps = sorted(p.name for p in (repo / "onerec_decoder" / "1").glob("decoder_step_*.onnx"))
     assert steps == [f"decoder_step_{t}.onnx" for t in range(3)]
     assert (repo / "onerec" / "config.pbtxt").is_file() and (repo / "onerec" / "1").is_dir()
-    assert "count: 2 kind: KIND_CPU" in (repo / "onerec_decoder" / "config.pbtxt").read_text()
+    assert "count: 3 kind: KIND_CPU" in (repo / "onerec_decoder" / "config.pbtxt").read_text()
+    # Two by default: one instance let Triton's batcher stall (docs/benchmarks.md).
+    assert "count: 2 kind: KIND_CPU" in (repo / "onerec_encoder" / "config.pbtxt").read_text()
     catalog_dir = repo / "onerec_decoder" / "catalog"
     assert (catalog_dir / "CURRENT").read_text().strip() == "1"
     (out / "features.sqlite").write_bytes(b"")  # a stray empty file is rebuilt, not served
