@@ -428,18 +428,22 @@ def baseline_rows(naive: NaiveServing, builder: PathwayBuilder, users, flops_of,
     """The naive server, one request at a time, timed like the server (features included),
     after ``BASELINE_WARMUP`` untimed requests."""
     rng = np.random.default_rng(1)
-    lat, flops = [], 0.0
-    for i in range(BASELINE_WARMUP + n):
-        if i == BASELINE_WARMUP:
-            started_all = time.perf_counter()
+
+    def serve() -> int:
         u = int(rng.integers(len(users)))
-        started = time.perf_counter()
-        static = builder.store.static(users[u])
-        built = builder.build(users[u], int(time.time() * 1000), static)
+        built = builder.build(users[u], int(time.time() * 1000), builder.store.static(users[u]))
         naive.recommend(built.pathways, beam)
-        if i >= BASELINE_WARMUP:
-            lat.append(time.perf_counter() - started)
-            flops += flops_of[u][beam]
+        return u
+
+    for _ in range(BASELINE_WARMUP):
+        serve()
+    lat, flops = [], 0.0
+    started_all = time.perf_counter()
+    for _ in range(n):
+        started = time.perf_counter()
+        u = serve()
+        lat.append(time.perf_counter() - started)
+        flops += flops_of[u][beam]
     return Level(np.array(lat), time.perf_counter() - started_all, flops, 0)
 
 

@@ -144,6 +144,14 @@ class Call:
     resend: bool = False  # a LogEvents sent again with its request_id
 
 
+def health(stub: health_pb2_grpc.HealthStub, service: str, timeout_s: float) -> int | None:
+    """``service``'s health status on one front end; None when it does not answer."""
+    try:
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s).status
+    except grpc.RpcError:
+        return None
+
+
 @dataclass(frozen=True)
 class Reply:
     message: object | None  # None: failed
@@ -168,14 +176,9 @@ class Fleet:
         self._watcher.start()
 
     def _watch_health(self) -> None:
-        request = health_pb2.HealthCheckRequest(service="")
         while not self._stop.wait(HEALTH_EVERY_S):
             for front, stub in enumerate(self._health):
-                try:
-                    up = stub.Check(request, timeout=HEALTH_EVERY_S).status == SERVING
-                except grpc.RpcError:
-                    up = False
-                self.in_rotation[front] = up
+                self.in_rotation[front] = health(stub, "", HEALTH_EVERY_S) == SERVING
 
     def call(self, method: str, request, timeout_s: float) -> Reply:
         front, retried = next(self._turn) % 2, False
@@ -365,11 +368,7 @@ class Probe:
         return ok
 
     def status(self, front: int, service: str = MODEL_HEALTH) -> int | None:
-        request = health_pb2.HealthCheckRequest(service=service)
-        try:
-            return self.health[front].Check(request, timeout=2).status
-        except grpc.RpcError:
-            return None
+        return health(self.health[front], service, 2.0)
 
     def close(self) -> None:
         for channel in self.channels:

@@ -31,6 +31,7 @@ from onerec.runtime import catalog
 from onerec.runtime.catalog import ItemSIDs
 from onerec.runtime.layout import (
     DECODER,
+    DEFAULT_INSTANCES,
     ENCODER,
     ENSEMBLE,
     ITEM_TABLE,
@@ -91,8 +92,8 @@ def write_model_repository(
     items: ItemSIDs,
     served_items: ModelItems,
     dest: str | Path = TEMPLATE,
-    encoder_instances: int = 2,
-    decoder_instances: int = 2,
+    encoder_instances: int = DEFAULT_INSTANCES,
+    decoder_instances: int = DEFAULT_INSTANCES,
     reward: RewardModel | None = None,
     blend: float = 0.0,
 ) -> int:

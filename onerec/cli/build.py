@@ -28,7 +28,7 @@ from onerec.cli.common import (
 )
 from onerec.data.schema import Dataset
 from onerec.runtime.config import OneRecConfig
-from onerec.runtime.layout import DECODER, ENCODER, MODEL_ITEMS, TEMPLATE
+from onerec.runtime.layout import DECODER, DEFAULT_INSTANCES, ENCODER, MODEL_ITEMS, TEMPLATE
 from onerec.train_config import RewardConfig, TrainConfig
 
 STAGES = ("data", "tokenizer", "model", "repository")
@@ -197,8 +197,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=1.0,
         help="the reward model's training budget (0: serve without reward selection)",
     )
-    p.add_argument("--encoder-instances", type=int, default=2)
-    p.add_argument("--decoder-instances", type=int, default=2)
+    p.add_argument("--encoder-instances", type=int, default=DEFAULT_INSTANCES)
+    p.add_argument("--decoder-instances", type=int, default=DEFAULT_INSTANCES)
     p.add_argument("--feature-store", help=STORE_HELP)
     add_synthetic_knobs(p)
     add_tokenizer_knobs(p)

@@ -14,6 +14,10 @@ REWARD_ONNX, REWARD_JSON = "reward.onnx", "reward.json"  # in REWARD/1/
 CATALOG = "catalog"
 MODEL_ITEMS = "items.npz"  # beside encoder.onnx: onerec.runtime.model_items.ModelItems
 ITEM_TABLE = "item_table.npy"  # beside encoder.onnx: the ranking stage's item rows
+# CPU instances per model, as the tracked configs have them: with one, Triton's dynamic
+# batcher could leave a queued request for its 500 ms idle wait while the instance sat
+# free (docs/benchmarks.md, "The tail").
+DEFAULT_INSTANCES = 2
 
 
 def catalog_dir(repository: str | Path) -> Path:
