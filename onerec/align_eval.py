@@ -13,6 +13,11 @@ Each row is a top-10 list per user, seen items removed:
   its last sampled groups: the simulator does not pick it), with reward selection;
 * ``oracle``: the simulator's top-10 unseen items by expected engagement.
 
+Diagnostics: ``pscore-catalog``, the reward model's own top-10 over the catalog, and
+``ntp@m+oracle`` (:func:`keep_head`), the served list's first m items with the oracle's
+best after them: how much engagement can be gained while keeping the recall that the
+generator's first m slots carry.
+
 Columns: ``engagement`` (the simulator's expected engagement, mean over a list's items,
 then over users), ``gap_closed`` (``(row - ntp) / (oracle - ntp)`` of it), leave-last-out
 ``recall@10``, ``ndcg@10``, and ``legal_unconstrained`` (:func:`onerec.align_sampling.legal_share`)
@@ -57,6 +62,8 @@ K = 10
 BLENDS = (0.0, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 BLEND_FILE = "reward_blend.json"  # in model/, beside reward.pt
 METRICS = ("engagement", "recall@10", "ndcg@10")
+# How many of the served list's first items the recall-kept bound holds on to.
+KEPT = (2, 4, 6, 8)
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,18 @@ def fit_served_blend(artifacts: Path, reward: RewardModel, max_users: int = 256)
         json.dumps({"blend": blend, "objective": objective}, indent=2)
     )
     return blend
+
+
+def keep_head(head: np.ndarray, fill: np.ndarray, m: int) -> np.ndarray:
+    """(U, K) lists: the first ``m`` items of each ``head`` row, then ``fill``'s items in
+    order, less those already taken (-1 is padding in both)."""
+    out = np.full((len(head), K), -1, np.int64)
+    for u, (first, rest) in enumerate(zip(head[:, :m], fill, strict=True)):
+        first = first[first >= 0]
+        rest = rest[(rest >= 0) & ~np.isin(rest, first)]
+        items = np.concatenate([first, rest])[:K]
+        out[u, : len(items)] = items
+    return out
 
 
 def _simulator(ds: Dataset) -> UserSimulator | None:
@@ -316,8 +335,16 @@ def evaluate_alignment(
         best = max(methods, key=lambda m: training[m]["final_reward"])
         lists["best+reward"], legal["best+reward"] = by_reward[best], legal[best]
     simulator = _simulator(ds)
+    diagnostics = ["pscore-catalog"]
     if simulator is not None:
-        lists["oracle"] = simulator.oracle_top(split.users[rows], K, _seen(split, ds, rows))
+        oracle = simulator.oracle_top(split.users[rows], 3 * K, _seen(split, ds, rows))
+        lists["oracle"] = oracle[:, :K]
+        # The recall-kept bound: the served list's first m items, where most of its hits
+        # are, and the oracle's best in the other slots: the most engagement a list reaches
+        # that keeps those m items, whatever reward model or aligned generator fills the rest.
+        for m in KEPT:
+            lists[f"ntp@{m}+oracle"] = keep_head(lists["ntp"], oracle, m)
+            diagnostics.append(f"ntp@{m}+oracle")
     # The reward model's ceiling: its own top-10 over the whole catalog, no generator.
     catalog = np.arange(ds.n_items)[None]
     lists["pscore-catalog"] = scorer_lists(
@@ -328,9 +355,9 @@ def evaluate_alignment(
         value["legal_unconstrained"] = legal.get(name)
     ablations = [n for name in extra for n in (name, f"{name}+reward") if n in columns]
     return {
-        "models": {n: v for n, v in columns.items() if n not in (*ablations, "pscore-catalog")},
+        "models": {n: v for n, v in columns.items() if n not in (*ablations, *diagnostics)},
         "ablations": {n: columns[n] for n in ablations},
-        "diagnostics": {"pscore-catalog": columns["pscore-catalog"]},
+        "diagnostics": {n: columns[n] for n in diagnostics},
         "se_vs_ntp": se,
         "like_rate_among_hits": likes,
         "blend": blend,

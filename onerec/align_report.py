@@ -42,7 +42,9 @@ SHOWN = (
 )
 DIAGNOSTICS = (
     "Diagnostic: `pscore-catalog` is the reward model's own top-10 over the whole catalog, "
-    "no generator: the most that selecting by the P-Score could reach."
+    "no generator: the most that selecting by the P-Score could reach. `ntp@m+oracle` keeps "
+    "the served list's first m items and fills the rest with the oracle's best: the most "
+    "engagement any list reaches while it keeps the generator's hits in those m slots."
 )
 RUN_COLUMNS = (
     "method",

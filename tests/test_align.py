@@ -28,6 +28,7 @@ from onerec.align import (
     sid_logp,
 )
 from onerec.align_config import AlignConfig
+from onerec.align_eval import KEPT, keep_head
 from onerec.align_report import merge
 from onerec.align_sampling import OpenTrie, first_items, legal_fraction, sample_group
 from onerec.cli import main
@@ -248,10 +249,23 @@ def test_align_then_align_eval_on_a_tiny_artefact(tmp_path) -> None:
     assert models["ntp"]["gap_closed"] == 0.0 and models["oracle"]["gap_closed"] == 1.0
     assert models["ntp"]["legal_unconstrained"] is not None
     assert models["oracle"]["legal_unconstrained"] is None
-    diagnostic = section["diagnostics"]["pscore-catalog"]["engagement"]
-    assert diagnostic <= oracle + 1e-9
-    assert set(section["se_vs_ntp"]) == set(models) - {"ntp"} | {"pscore-catalog"}
+    diagnostics = section["diagnostics"]
+    assert diagnostics["pscore-catalog"]["engagement"] <= oracle + 1e-9
+    # The recall-kept bound: more of the served head kept, less engagement, never below ntp
+    bound = [diagnostics[f"ntp@{m}+oracle"] for m in KEPT]
+    engagement = [b["engagement"] for b in bound]
+    assert engagement == sorted(engagement, reverse=True)
+    assert models["ntp"]["engagement"] - 1e-9 <= engagement[-1] <= oracle + 1e-9
+    assert set(section["se_vs_ntp"]) == set(models) - {"ntp"} | set(diagnostics)
     assert (art / "model" / "reward_blend.json").is_file()
+
+
+def test_keep_head_keeps_the_first_items_and_fills_without_repeats() -> None:
+    head = np.array([[5, 7, 9, -1, -1, -1, -1, -1, -1, -1], [-1] * 10])
+    fill = np.array([[7, 1, 2, 3, 4, 6, 8, 10, 11, 12, 13, 14], [3, 4, -1, 5] + [-1] * 8])
+    lists = keep_head(head, fill, 2)
+    assert lists[0].tolist() == [5, 7, 1, 2, 3, 4, 6, 8, 10, 11]
+    assert lists[1].tolist() == [3, 4, 5] + [-1] * 7
 
 
 def test_the_report_shows_rows_ablations_and_paired_errors(tmp_path) -> None:
