@@ -60,6 +60,7 @@ import pandas as pd
 import torch
 import tritonclient.grpc as grpcclient
 
+from loadtest import cpu
 from loadtest.net import free_ports, scrape
 from loadtest.pacing import on_schedule
 from onerec.experiment import load_item_tables, load_model
@@ -626,6 +627,10 @@ def markdown(r: dict) -> str:
 
     split_rows, stage_rows = flat("triton"), flat("stages_ms")
     split_cols = list(split_rows[0]) if split_rows else []
+    cpu_rows = [
+        {"concurrency": row["concurrency"], **row.get("cpu_cores", {})} for row in r["server"]
+    ]
+    cpu_cols = list(dict.fromkeys(k for row in cpu_rows for k in row))
     s, prom = r["summary"], r["prometheus"]
     return (
         f"# Benchmark\n\n{r['machine']}\n\nPeak {r['peak_flops'] / 1e9:.1f} GFLOP/s "
@@ -654,6 +659,8 @@ def markdown(r: dict) -> str:
         f"## Full garbage collections per level (front end; this load generator)\n\n"
         f"{table(flat('gc'), ['concurrency', *GC_COLS])}\n"
         f"## Triton per model (avg batch, µs per request)\n\n{table(split_rows, split_cols)}\n"
+        f"## Cores busy by process (only the model stubs' ONNX Runtime time does model "
+        f"FLOPs)\n\n{table(cpu_rows, cpu_cols)}\n"
         f"## Baseline (torch eager, encoder every step, per-beam Python trie)\n\n"
         f"{table(r['baseline'], cols[:6])}\n"
         f"## Beam sweep (concurrency {r['beam_concurrency']})\n\n"
@@ -764,11 +771,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warming {len(users)} users' lifelong caches ...", flush=True)
         for u in users:
             stack.stub.Recommend(pb.RecommendRequest(user_id=u, count=1), timeout=60)
+        pids = cpu.roles(stack.front.proc.pid, stack.triton.proc.pid)
         for c in args.concurrency:
             before, front0 = scrape(stack.triton.ports.metrics), scrape(stack.metrics_port)
+            cpu0, started = cpu.sample(pids), time.perf_counter()
             level = closed_loop(stack.stub, users, flops_of, 128, c, args.seconds)
+            cores = cpu.cores_by_role(pids, cpu0, cpu.sample(pids), time.perf_counter() - started)
             after, front = scrape(stack.triton.ports.metrics), scrape(stack.metrics_port)
             row = {"concurrency": c, **_row(level, peak), "triton": triton_split(before, after)}
+            row["cpu_cores"] = cores
             row["stages_ms"] = stage_split(front0, front)
             row["stages_p99_ms"] = stage_p99(front0, front)
             row["gc"] = gc_split(front0, front) | own_gc.take()

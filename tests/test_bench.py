@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,11 @@ def test_bench_runs_end_to_end_and_writes_the_report(served, redis_binary, tmp_p
     assert report["server"][1]["triton"]["onerec_decoder"]["avg_batch"] >= 1
     assert report["server"][0]["stages_ms"]["triton"] > 0
     assert all(r["gc"]["full_collections"] >= 0 for r in report["server"])
+    cores = report["server"][1]["cpu_cores"]  # from /proc: every serving process, by role
+    roles = {"front end", "triton", "load generator", "onerec_encoder stubs"}
+    assert set(cores) >= roles | {"onerec_decoder stubs", "onerec_reward stubs"}
+    assert all(cores[role] > 0 for role in roles | {"onerec_decoder stubs"})
+    assert sum(cores.values()) < (os.cpu_count() or 1) + 0.5  # cores, not CPU seconds
     assert [r["beam_width"] for r in report["beam_sweep"]] == [16, 64]
     assert all(r["c1_p99_ms"] >= r["c1_p50_ms"] > 0 for r in report["beam_sweep"])
     topup = report["topup"]  # the tiny set's users all have fewer than 1,000 events
