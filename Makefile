@@ -27,8 +27,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Build the default model on the synthetic data (data, SIDs, ~5 min of training, a minute
-# for the reward model, ONNX, model repository, feature store; each stage is reused when
-# present), then serve it, ordered by the reward model: Triton
+# for the reward model, 20 ECPO steps against it, ONNX, model repository, feature store;
+# each stage is reused when present), then serve it, ordered by the reward model: Triton
 # and the gRPC front end on :50051, metrics on :9464.
 run: install
 	$(BIN)/onerec build

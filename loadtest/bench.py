@@ -63,7 +63,7 @@ import tritonclient.grpc as grpcclient
 from loadtest import cpu
 from loadtest.net import free_ports, scrape
 from loadtest.pacing import on_schedule
-from onerec.experiment import load_item_tables, load_model
+from onerec.experiment import load_item_tables, load_served_model
 from onerec.naive_serving import NaiveServing
 from onerec.runtime.layout import REWARD, REWARD_ONNX
 from onerec.runtime.pathways import request_flops
@@ -756,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"top-up rates of {len(heavy)} heavy users ...", flush=True)
     report["topup"] = topup_rates(args.repository, builder, heavy)
     print("baseline ...", flush=True)  # first, with the machine to itself
-    naive = NaiveServing(load_model(args.artifacts, item_tables), index.trie.sids)
+    naive = NaiveServing(load_served_model(args.artifacts, item_tables), index.trie.sids)
     base = baseline_rows(naive, builder, users, flops_of, 128, args.baseline_requests)
     report["baseline"].append({"concurrency": 1, **_row(base, peak)})
     b = report["baseline"][0]

@@ -169,19 +169,20 @@ def fit_blend(decoder: Decoder, model: OneRec, split: Split) -> tuple[float, dic
     return best, objective
 
 
-def fit_served_blend(artifacts: Path, reward: RewardModel, max_users: int = 256) -> float:
-    """The blend the build serves: :func:`fit_blend` on a sample of validation events,
-    stored in ``model/`` (a later ``align-eval`` refits it on more users)."""
+def fit_served_blend(
+    artifacts: Path, reward: RewardModel, model: OneRec, generator: str, max_users: int = 256
+) -> float:
+    """The blend the build serves with ``model`` (stored as ``model/<generator>``):
+    :func:`fit_blend` on a sample of validation events, stored in ``model/`` with the
+    generator's name (a later ``align-eval`` refits it on more users, for its own rows)."""
     ds, item_tables, index = load_item_tables(artifacts)
     events = EventArrays.from_dataset(ds)
     exposures = ExposureLog(ds, reward.cfg)
     decoder = Decoder(ds, item_tables, index, reward, exposures, events, 128)
-    model = load_model(artifacts, item_tables)
     validation = validation_split(ds, test_events(artifacts), max_users)
     blend, objective = fit_blend(decoder, model, validation)
-    (artifacts / "model" / BLEND_FILE).write_text(
-        json.dumps({"blend": blend, "objective": objective}, indent=2)
-    )
+    record = {"blend": blend, "objective": objective, "generator": generator}
+    (artifacts / "model" / BLEND_FILE).write_text(json.dumps(record, indent=2))
     return blend
 
 

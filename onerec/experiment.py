@@ -45,6 +45,8 @@ from onerec.train import (
 
 log = logging.getLogger(__name__)
 METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
+CHECKPOINT = "checkpoint.pt"  # in model/: the trained generator, best epoch's weights kept
+SERVED_FILE = "served.json"  # in model/: which checkpoint the build exported
 
 
 def load_item_tables(artifacts: Path) -> tuple[Dataset, ItemTables, SIDIndex]:
@@ -96,7 +98,7 @@ def train_artifacts(
         validation=train_cfg.keep_best,
         test_events=held,
     )
-    path = artifacts / "model" / "checkpoint.pt"
+    path = artifacts / "model" / CHECKPOINT
     result = train(model, source, train_cfg, path, resume)
     result |= train_ranker(model, source, train_cfg)
     result["seconds"] += result["ranker_seconds"]  # all of it: SASRec gets as much
@@ -139,12 +141,22 @@ def _store_ranker(path: Path, model: OneRec) -> None:
     torch.save(state, path)
 
 
-def load_model(artifacts: Path, item_tables: ItemTables) -> OneRec:
-    state = torch.load(artifacts / "model" / "checkpoint.pt", weights_only=False)
+def load_model(artifacts: Path, item_tables: ItemTables, checkpoint: str = CHECKPOINT) -> OneRec:
+    """A generator from ``model/<checkpoint>``: the trained one by default, or an aligned
+    one (the best epoch's weights where training kept them)."""
+    state = torch.load(artifacts / "model" / checkpoint, weights_only=False)
     model = build_model(OneRecConfig(**state["model_config"]), item_tables)
     weights = state["best"]["model"] if state.get("best") else state["model"]
     model.load_state_dict(weights)
     return model.eval()
+
+
+def load_served_model(artifacts: Path, item_tables: ItemTables) -> OneRec:
+    """The generator that ``onerec build`` exported (``model/served.json`` names it;
+    checkpoint.pt before any build did): what a baseline loads to run the served weights."""
+    record = artifacts / "model" / SERVED_FILE
+    checkpoint = json.loads(record.read_text())["generator"] if record.is_file() else CHECKPOINT
+    return load_model(artifacts, item_tables, checkpoint)
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,17 @@ import sys
 
 import numpy as np
 import pandas as pd
+import torch
 
 from onerec.align_eval import BLEND_FILE, BLENDS
 from onerec.cli import main
+from onerec.cli.common import serving_pathways
 from onerec.data.schema import Dataset
+from onerec.experiment import load_item_tables, load_model, load_served_model
+from onerec.export import parity
 from onerec.runtime import catalog
-from onerec.runtime.layout import REWARD, REWARD_JSON, REWARD_ONNX
+from onerec.runtime.layout import DECODER, ENCODER, REWARD, REWARD_JSON, REWARD_ONNX
+from onerec.runtime.onnx_runners import OnnxOneRec
 from onerec.runtime.reward import RewardMeta
 from onerec.semantic_ids import load_item_sids, sids_to_frame, tokenize_new_items
 from server.feature_store import stored_users
@@ -84,13 +89,29 @@ def test_full_build_fills_a_model_repository(tmp_path) -> None:
     out, repo = tmp_path / "art", tmp_path / "repo"
     small = ["--users", "30", "--items", "120", "--max-history", "200", "--codebook-size", "8"]
     build = ["build", "--out", str(out), "--repository", str(repo), "--minutes", "0.05"]
-    build += ["--ranker-minutes", "0.01", "--reward-minutes", "0.02"]
+    build += ["--ranker-minutes", "0.01", "--reward-minutes", "0.02", "--align-steps", "2"]
     assert main([*build, "--decoder-instances", "3", *small]) == 0
     assert (out / "model" / "checkpoint.pt").is_file()
-    # The reward model, with the blend fitted on validation events, beside the decoder.
+    # A short ECPO stage against the reward model: its generator is the one exported.
+    aligned = json.loads((out / "model" / "aligned_ecpo.json").read_text())
+    assert aligned["config"]["method"] == "ecpo" and aligned["steps"] == 2
+    assert json.loads((out / "model" / "served.json").read_text()) == {
+        "generator": "aligned_ecpo.pt"
+    }
+    exported = OnnxOneRec(repo / ENCODER / "1", decoder_directory=repo / DECODER / "1")
+    _, tables, index = load_item_tables(out)
+    aligned_model = load_served_model(out, tables)
+    pathways = serving_pathways(out, aligned_model.cfg, 4, seed=0)
+    p = parity(aligned_model, exported, pathways, index.trie, beam_width=16)
+    assert p.top10_equal == 4 and max(p.kv_max_abs, p.step_max_abs) <= 1e-4
+    trained = load_model(out, tables)  # the pre-RL generator is not what was exported
+    before, after = trained.state_dict(), aligned_model.state_dict()
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    # The reward model, with the blend fitted for that generator, beside the decoder.
     meta = RewardMeta.load(repo / REWARD / "1" / REWARD_JSON)
-    blend = json.loads((out / "model" / BLEND_FILE).read_text())["blend"]
-    assert meta.blend == blend and blend in BLENDS and meta.n_items == 120
+    record = json.loads((out / "model" / BLEND_FILE).read_text())
+    assert record["generator"] == "aligned_ecpo.pt"
+    assert meta.blend == record["blend"] in BLENDS and meta.n_items == 120
     assert (repo / REWARD / "1" / REWARD_ONNX).is_file()
     assert (repo / "onerec_encoder" / "1" / "encoder.onnx").is_file()
     steps = sorted(p.name for p in (repo / "onerec_decoder" / "1").glob("decoder_step_*.onnx"))
@@ -109,6 +130,8 @@ def test_full_build_fills_a_model_repository(tmp_path) -> None:
     assert main([*build, "--repository", str(bare), "--reward-minutes", "0", *small]) == 0
     assert (bare / "onerec_decoder" / "1" / "decoder_step_0.onnx").is_file()
     assert not (bare / REWARD).exists()
+    served = json.loads((out / "model" / "served.json").read_text())
+    assert served == {"generator": "checkpoint.pt"}  # nothing to align against
 
     # Catalog changes publish new versions; a removed item leaves the live table.
     live = catalog.load(catalog_dir)

@@ -1,8 +1,8 @@
 """``onerec build``: the offline pipeline, stage by stage, each reused when present.
 
 data set -> item embeddings and semantic IDs -> trained model -> reward model (P-Score)
--> Triton model repository (ONNX, the model's items, the catalog, the reward model) -> the
-feature store's initial contents.
+-> a short ECPO stage against it -> Triton model repository (ONNX of the aligned generator,
+the model's items, the catalog, the reward model) -> the feature store's initial contents.
 """
 
 from __future__ import annotations
@@ -86,12 +86,18 @@ def _load_or_make(source: str, data_dir: Path, args: argparse.Namespace) -> Data
 
 
 def _build_model(out: Path, args: argparse.Namespace) -> None:
-    from onerec.experiment import load_item_tables, load_model, train_artifacts
+    from onerec.experiment import (
+        CHECKPOINT,
+        SERVED_FILE,
+        load_item_tables,
+        load_model,
+        train_artifacts,
+    )
     from onerec.repository import model_items, write_model_repository
     from onerec.runtime.onnx_runners import OnnxOneRec
     from onerec.semantic_ids import load_item_sids
 
-    checkpoint = out / "model" / "checkpoint.pt"
+    checkpoint = out / "model" / CHECKPOINT
     if checkpoint.is_file() and not args.force:
         console.print(f"reusing model in {checkpoint} (--force retrains)")
     else:
@@ -105,8 +111,13 @@ def _build_model(out: Path, args: argparse.Namespace) -> None:
     if args.until != "repository":
         return
     _, item_tables, catalog_index = load_item_tables(out)
-    model = load_model(out, item_tables)
-    reward, blend = _build_reward(out, args) if args.reward_minutes > 0 else (None, 0.0)
+    reward, blend = None, 0.0
+    if args.reward_minutes > 0:
+        reward = _build_reward(out, args)
+    served = _align(out, args) if reward is not None and args.align_steps > 0 else CHECKPOINT
+    model = load_model(out, item_tables, served)
+    if reward is not None:
+        blend = _served_blend(out, reward, model, served)
     version = write_model_repository(
         model,
         load_item_sids(out / "tokenizer"),
@@ -117,7 +128,10 @@ def _build_model(out: Path, args: argparse.Namespace) -> None:
         reward,
         blend,
     )
-    console.print(f"model repository {args.repository}: ONNX written, catalog v{version} live")
+    (out / "model" / SERVED_FILE).write_text(json.dumps({"generator": served}) + "\n")
+    console.print(
+        f"model repository {args.repository}: ONNX of {served} written, catalog v{version} live"
+    )
     repo = Path(args.repository)
     onnx = OnnxOneRec(repo / ENCODER / "1", decoder_directory=repo / DECODER / "1")
     print_parity(model, onnx, out, catalog_index.trie)
@@ -125,33 +139,74 @@ def _build_model(out: Path, args: argparse.Namespace) -> None:
     load_features(out, repo, store, args.force)
 
 
+def _fresh(path: Path, *inputs: Path) -> bool:
+    """Whether ``path`` exists and was written after every one of ``inputs``: a stage whose
+    inputs were rebuilt since is rebuilt too."""
+    if not path.is_file():
+        return False
+    written = path.stat().st_mtime_ns
+    return all(written >= p.stat().st_mtime_ns for p in inputs if p.is_file())
+
+
 def _build_reward(out: Path, args: argparse.Namespace):
-    """The reward model the server orders answers by, and its blend with the SID's
-    log-probability: reused, or trained on the build's data set within
-    ``--reward-minutes`` and the blend fitted on validation events."""
-    from onerec.align_eval import BLEND_FILE, fit_served_blend
+    """The reward model the server orders answers by: reused, or trained on the build's
+    data set within ``--reward-minutes``."""
     from onerec.experiment import load_item_tables
     from onerec.reward import REWARD_FILE, fit_reward, load_reward
 
-    path, blend_path = out / "model" / REWARD_FILE, out / "model" / BLEND_FILE
+    path = out / "model" / REWARD_FILE
     if path.is_file() and not args.force:
         console.print(f"reusing reward model in {path} (--force retrains)")
         ds, item_tables, index = load_item_tables(out)
-        model = load_reward(path, ds, item_tables, index.trie.codebook_size)
-    else:
-        model, result = fit_reward(out, RewardConfig(minutes=args.reward_minutes))
-        blend_path.unlink(missing_ok=True)  # fitted to the old reward model
-        aucs = {h: r["head"] for h, r in result["aucs"].items() if r.get("head") is not None}
-        console.print(
-            f"reward model: {result['steps']:,} steps in {result['seconds']:.0f}s; held-out "
-            "AUC " + ", ".join(f"{h} {a:.3f}" for h, a in aucs.items())
-        )
-    if blend_path.is_file() and not args.force:
-        return model, float(json.loads(blend_path.read_text())["blend"])
+        return load_reward(path, ds, item_tables, index.trie.codebook_size)
+    model, result = fit_reward(out, RewardConfig(minutes=args.reward_minutes))
+    aucs = {h: r["head"] for h, r in result["aucs"].items() if r.get("head") is not None}
+    console.print(
+        f"reward model: {result['steps']:,} steps in {result['seconds']:.0f}s; held-out "
+        "AUC " + ", ".join(f"{h} {a:.3f}" for h, a in aucs.items())
+    )
+    return model
+
+
+def _align(out: Path, args: argparse.Namespace) -> str:
+    """ECPO against the reward model, ``--align-steps`` within ``--align-minutes``: the
+    generator the build serves (reused while newer than the model and reward model)."""
+    from onerec.align import align_artifacts, aligned_path
+    from onerec.align_config import AlignConfig
+    from onerec.experiment import CHECKPOINT
+    from onerec.reward import REWARD_FILE
+
+    path = aligned_path(out, "ecpo")
+    inputs = (out / "model" / CHECKPOINT, out / "model" / REWARD_FILE)
+    if _fresh(path, *inputs) and not args.force:
+        console.print(f"reusing aligned generator {path} (--force realigns)")
+        return path.name
+    cfg = AlignConfig(method="ecpo", steps=args.align_steps, minutes=args.align_minutes)
+    path, result = align_artifacts(out, cfg, "ecpo")
+    console.print(
+        f"ECPO: {result['steps']} steps in {result['seconds']:.0f}s; P-Score of its groups "
+        f"{result['curves'][0]['reward']:.3f} -> {result['final_reward']:.3f}; unconstrained "
+        f"beams legal {result['legal_unconstrained_before']:.2f} -> "
+        f"{result['legal_unconstrained_after']:.2f} (the served search stays trie-constrained)"
+    )
+    return path.name
+
+
+def _served_blend(out: Path, reward, model, served: str) -> float:
+    """The P-Score's blend with the served generator's SID log-probability, fitted on
+    validation events; reused while newer than the generator and the reward model."""
+    from onerec.align_eval import BLEND_FILE, fit_served_blend
+    from onerec.reward import REWARD_FILE
+
+    path = out / "model" / BLEND_FILE
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    inputs = (out / "model" / served, out / "model" / REWARD_FILE)
+    if _fresh(path, *inputs) and record.get("generator") == served:
+        return float(record["blend"])
     started = time.perf_counter()
-    blend = fit_served_blend(out, model)
+    blend = fit_served_blend(out, reward, model, served)
     console.print(f"reward blend {blend} fitted in {time.perf_counter() - started:.0f}s")
-    return model, blend
+    return blend
 
 
 def load_features(artifacts: Path, repository: Path, store: str, force: bool) -> None:
@@ -197,6 +252,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=1.0,
         help="the reward model's training budget (0: serve without reward selection)",
     )
+    p.add_argument(
+        "--align-steps",
+        type=int,
+        default=20,
+        help="ECPO steps against the reward model before export (0: serve the generator as "
+        "trained)",
+    )
+    p.add_argument("--align-minutes", type=float, default=2.0, help="ECPO's time budget")
     p.add_argument("--encoder-instances", type=int, default=DEFAULT_INSTANCES)
     p.add_argument("--decoder-instances", type=int, default=DEFAULT_INSTANCES)
     p.add_argument("--feature-store", help=STORE_HELP)
