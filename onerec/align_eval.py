@@ -266,11 +266,14 @@ def evaluate_alignment(
     legal_users: int = 256,
     legal_width: int = 32,
     extra: tuple[str, ...] = (),
+    blend: float | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """The data set's section of ``reports/align.json``: every row present (RL rows where
     ``onerec align`` stored their checkpoints), plus ``extra`` aligned checkpoints by name
-    (``model/aligned_<name>.pt``) as ablations in the served order."""
+    (``model/aligned_<name>.pt``) as ablations in the served order. The reward rows use
+    ``blend`` where given (a build's served blend), else one fitted on validation events
+    and stored in ``model/``."""
     say = progress or (lambda _: None)
     ds, item_tables, index = load_item_tables(artifacts)
     split = leave_last_out(ds)
@@ -283,11 +286,13 @@ def evaluate_alignment(
         ds, item_tables, index, reward, ExposureLog(ds, reward.cfg), events, beam_width
     )
     ntp = load_model(artifacts, item_tables)
-    blend, objective = fit_blend(decoder, ntp, validation_split(ds, test_events(artifacts)))
-    (artifacts / "model" / BLEND_FILE).write_text(
-        json.dumps({"blend": blend, "objective": objective}, indent=2)
-    )
-    say(f"blend {blend} fitted on validation events")
+    objective: dict[str, float] = {}
+    if blend is None:
+        blend, objective = fit_blend(decoder, ntp, validation_split(ds, test_events(artifacts)))
+        (artifacts / "model" / BLEND_FILE).write_text(
+            json.dumps({"blend": blend, "objective": objective}, indent=2)
+        )
+        say(f"blend {blend} fitted on validation events")
 
     rng = np.random.default_rng(seed)
     popularity = PopularityModel.fit(ds, split)

@@ -257,7 +257,12 @@ def test_align_then_align_eval_on_a_tiny_artefact(tmp_path) -> None:
     assert engagement == sorted(engagement, reverse=True)
     assert models["ntp"]["engagement"] - 1e-9 <= engagement[-1] <= oracle + 1e-9
     assert set(section["se_vs_ntp"]) == set(models) - {"ntp"} | set(diagnostics)
-    assert (art / "model" / "reward_blend.json").is_file()
+    fitted = (art / "model" / "reward_blend.json").read_text()
+    # Graded at a given blend (a build's served one): nothing fitted, nothing overwritten.
+    assert main([*argv, "--blend", "7.5", "--name", "served"]) == 0
+    served = json.loads((reports / "align.json").read_text())["datasets"]["served"]
+    assert served["blend"] == 7.5 and served["blend_objective"] == {}
+    assert (art / "model" / "reward_blend.json").read_text() == fitted
 
 
 def test_keep_head_keeps_the_first_items_and_fills_without_repeats() -> None:

@@ -132,6 +132,9 @@ def test_full_build_fills_a_model_repository(tmp_path) -> None:
     assert not (bare / REWARD).exists()
     served = json.loads((out / "model" / "served.json").read_text())
     assert served == {"generator": "checkpoint.pt"}  # nothing to align against
+    chosen = tmp_path / "chosen"  # an operator's blend instead of the fitted one
+    assert main([*build, "--repository", str(chosen), "--reward-blend", "0.7", *small]) == 0
+    assert RewardMeta.load(chosen / REWARD / "1" / REWARD_JSON).blend == 0.7
 
     # Catalog changes publish new versions; a removed item leaves the live table.
     live = catalog.load(catalog_dir)

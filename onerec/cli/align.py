@@ -62,6 +62,7 @@ def cmd_align_eval(args: argparse.Namespace) -> int:
         args.seed,
         args.beam_width,
         extra=tuple(args.extra),
+        blend=args.blend,
         progress=console.print,
     )
     name = args.name or artifacts.name
@@ -121,5 +122,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--beam-width", type=int, default=128)
     p.add_argument(
         "--extra", nargs="*", default=[], help="more model/aligned_<name>.pt, as ablations"
+    )
+    p.add_argument(
+        "--blend",
+        type=float,
+        help="grade the reward rows at this blend (a build's served one) instead of fitting it",
     )
     p.set_defaults(func=cmd_align_eval)

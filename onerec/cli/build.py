@@ -117,7 +117,9 @@ def _build_model(out: Path, args: argparse.Namespace) -> None:
     served = _align(out, args) if reward is not None and args.align_steps > 0 else CHECKPOINT
     model = load_model(out, item_tables, served)
     if reward is not None:
-        blend = _served_blend(out, reward, model, served)
+        blend = args.reward_blend
+        if blend is None:
+            blend = _served_blend(out, reward, model, served)
     version = write_model_repository(
         model,
         load_item_sids(out / "tokenizer"),
@@ -251,6 +253,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=1.0,
         help="the reward model's training budget (0: serve without reward selection)",
+    )
+    p.add_argument(
+        "--reward-blend",
+        type=float,
+        help="serve this weight of the SID log-probability beside the P-Score instead of "
+        "fitting it (lower: more engagement, less recall; docs/alignment.md)",
     )
     p.add_argument(
         "--align-steps",
