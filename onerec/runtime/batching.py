@@ -201,6 +201,26 @@ def _pad_to(a: np.ndarray, length: int, axis: int) -> np.ndarray:
     return np.pad(a, pad)
 
 
+def _stack_cross_kv(
+    requests: Sequence[dict[str, np.ndarray]],
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """keep (N, T) and each of the 2 * layers cross K/V (N, h, T, dh), zero-padded to the
+    longest T, in one copy: the decoder's largest input, so padding, concatenating and
+    making each layer contiguous as three copies cost more than the search's numpy."""
+    longest = max(r["keep"].shape[1] for r in requests)
+    rows = sum(r["keep"].shape[0] for r in requests)
+    _, n_kv, heads, _, dh = requests[0]["cross_kv"].shape
+    keep = np.zeros((rows, longest), bool)
+    kv = np.zeros((n_kv, rows, heads, longest, dh), np.float32)
+    start = 0
+    for r in requests:
+        n, t = r["keep"].shape
+        keep[start : start + n, :t] = r["keep"]
+        kv[:, start : start + n, :, :t] = r["cross_kv"].swapaxes(0, 1)
+        start += n
+    return keep, list(kv)
+
+
 def decode_batch(
     decoder: OnnxDecoder, trie: SIDTrie, requests: Sequence[dict[str, np.ndarray]]
 ) -> list[DecodedRows]:
@@ -211,10 +231,7 @@ def decode_batch(
     a row's width takes the best completions of its last-level beams: the batch's last level
     keeps as many as its largest such ratio asks, and each row is cut to its own count.
     """
-    longest = max(r["keep"].shape[1] for r in requests)
-    keep = np.concatenate([_pad_to(r["keep"], longest, 1) for r in requests])  # (N, T)
-    kv = np.concatenate([_pad_to(r["cross_kv"], longest, 3) for r in requests])
-    kv_list = [np.ascontiguousarray(kv[:, i]) for i in range(kv.shape[1])]
+    keep, kv_list = _stack_cross_kv(requests)
     widths = np.concatenate([r["beam_width"][:, 0] for r in requests]).astype(np.int64)
     counts = np.concatenate([r["count"][:, 0] for r in requests]).astype(np.int64)
     excluded = [
