@@ -205,8 +205,9 @@ def _stack_cross_kv(
     requests: Sequence[dict[str, np.ndarray]],
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """keep (N, T) and each of the 2 * layers cross K/V (N, h, T, dh), zero-padded to the
-    longest T, in one copy: the decoder's largest input, so padding, concatenating and
-    making each layer contiguous as three copies cost more than the search's numpy."""
+    longest T, in one copy: K/V is the decoder's largest input, and three copies of it
+    (pad, concatenate, one contiguous array per layer) were a visible share of its stub's
+    time (docs/benchmarks.md)."""
     longest = max(r["keep"].shape[1] for r in requests)
     rows = sum(r["keep"].shape[0] for r in requests)
     _, n_kv, heads, _, dh = requests[0]["cross_kv"].shape
