@@ -55,6 +55,7 @@ import psutil
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loadtest.cpu import stub_model
 from loadtest.net import free_ports, scrape
 from loadtest.pacing import on_schedule
 from onerec.cli.build import load_features
@@ -821,10 +822,8 @@ def measure_peak(load: Load, clients: int, seconds: float) -> dict:
 
 def _label(p: psutil.Process) -> str:
     """A process's name; a python backend stub's model too."""
-    cmd = p.cmdline()
-    if p.name() == "triton_python_backend_stub" and len(cmd) > 1:
-        return f"triton_python_backend_stub ({Path(cmd[1]).parents[1].name})"
-    return p.name()
+    model = stub_model(p)
+    return f"{p.name()} ({model})" if model else p.name()
 
 
 def rss(stack: Stack) -> dict[int, tuple[str, int]]:
