@@ -65,7 +65,7 @@ from onerec.runtime.engagement import engagement_score, is_positive
 from onerec.runtime.lifelong import compress_history
 from onerec.runtime.pathways import build_pathways, collate
 from onerec.runtime.sid_index import SIDIndex
-from onerec.train import ItemTables, SampleSource, build_model
+from onerec.train import ItemTables, SampleSource
 from onerec.train_config import RewardConfig
 
 log = logging.getLogger(__name__)
@@ -75,15 +75,6 @@ CURVES = ("reward", "kl", "clip_fraction", "entropy")
 def aligned_path(artifacts: Path, method: str) -> Path:
     """Where ``onerec align`` stores a method's checkpoint (checkpoint.pt's format)."""
     return artifacts / "model" / f"aligned_{method}.pt"
-
-
-def load_checkpoint(path: Path, item_tables: ItemTables) -> OneRec:
-    """A generator from a checkpoint with ``model`` and ``model_config`` (an aligned one,
-    or checkpoint.pt after its best weights were chosen), ready for eval or ONNX export."""
-    state = torch.load(path, weights_only=False)
-    model = build_model(OneRecConfig(**state["model_config"]), item_tables)
-    model.load_state_dict(state["model"])
-    return model.eval()
 
 
 # --- users and their states ----------------------------------------------------------------

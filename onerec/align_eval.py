@@ -38,14 +38,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from onerec.align import UserStates, aligned_path, load_checkpoint, reward_model
+from onerec.align import UserStates, aligned_path, reward_model
 from onerec.align_config import METHODS
 from onerec.align_sampling import legal_share
 from onerec.baselines import PopularityModel
 from onerec.data.schema import Dataset
 from onerec.evaluate import Candidates, candidates, served_ranking
 from onerec.event_arrays import EventArrays
-from onerec.experiment import load_item_tables, load_model, test_events, validation_split
+from onerec.experiment import (
+    load_checkpoint,
+    load_item_tables,
+    load_model,
+    test_events,
+    validation_split,
+)
 from onerec.metrics import Split, filter_topk_seen, gains, leave_last_out, mask_seen, topk_ranks
 from onerec.model import OneRec
 from onerec.reward import ExposureLog, RewardModel

@@ -141,14 +141,20 @@ def _store_ranker(path: Path, model: OneRec) -> None:
     torch.save(state, path)
 
 
-def load_model(artifacts: Path, item_tables: ItemTables, checkpoint: str = CHECKPOINT) -> OneRec:
-    """A generator from ``model/<checkpoint>``: the trained one by default, or an aligned
-    one (the best epoch's weights where training kept them)."""
-    state = torch.load(artifacts / "model" / checkpoint, weights_only=False)
+def load_checkpoint(path: Path, item_tables: ItemTables) -> OneRec:
+    """A generator from a checkpoint with ``model`` and ``model_config`` (checkpoint.pt,
+    whose best epoch's weights win where training kept them, or an aligned one), ready
+    for eval or ONNX export."""
+    state = torch.load(path, weights_only=False)
     model = build_model(OneRecConfig(**state["model_config"]), item_tables)
     weights = state["best"]["model"] if state.get("best") else state["model"]
     model.load_state_dict(weights)
     return model.eval()
+
+
+def load_model(artifacts: Path, item_tables: ItemTables, checkpoint: str = CHECKPOINT) -> OneRec:
+    """The generator in ``model/<checkpoint>``: the trained one by default."""
+    return load_checkpoint(artifacts / "model" / checkpoint, item_tables)
 
 
 def load_served_model(artifacts: Path, item_tables: ItemTables) -> OneRec:

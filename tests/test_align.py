@@ -20,7 +20,6 @@ from onerec.align import (
     aligned_path,
     dpo_loss,
     ecpo_objective,
-    load_checkpoint,
     path_kl,
     ppo_objective,
     pscores,
@@ -34,7 +33,7 @@ from onerec.align_sampling import OpenTrie, first_items, legal_fraction, sample_
 from onerec.cli import main
 from onerec.data.synthetic import SyntheticConfig, generate
 from onerec.embeddings import item_embeddings
-from onerec.experiment import load_item_tables, validation_split
+from onerec.experiment import load_checkpoint, load_item_tables, validation_split
 from onerec.model import TorchSearch
 from onerec.reward import fit_reward
 from onerec.runtime.beam_search import constrained_beam_search
