@@ -66,7 +66,7 @@ def test_bench_runs_end_to_end_and_writes_the_report(served, redis_binary, tmp_p
     assert report["server"][1]["triton"]["onerec_decoder"]["avg_batch"] >= 1
     assert report["server"][0]["stages_ms"]["triton"] > 0
     assert all(r["gc"]["full_collections"] >= 0 for r in report["server"])
-    cores = report["server"][1]["cpu_cores"]  # from /proc: every serving process, by role
+    cores = report["server"][1]["cpu_cores"]  # psutil: every serving process, by role
     roles = {"front end", "triton", "load generator", "onerec_encoder stubs"}
     assert set(cores) >= roles | {"onerec_decoder stubs", "onerec_reward stubs"}
     assert all(cores[role] > 0 for role in roles | {"onerec_decoder stubs"})
