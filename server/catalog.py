@@ -18,6 +18,7 @@ pair a new trie with an old item table or the reverse. Within a version:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -159,11 +160,28 @@ class CatalogReader:
         self._views: OrderedDict[int, CatalogView] = OrderedDict()
         self._lock = threading.Lock()
         self._build_lock = threading.Lock()  # one build per new version, not one per caller
+        self._live: tuple[tuple[int, int, int] | None, int] = (None, -1)  # (stat key, version)
+
+    def live_version(self) -> int:
+        """The live version number. ``CURRENT`` is read again only when a stat says it was
+        replaced (a publish renames a new file over it), so a request costs one stat."""
+        st = os.stat(self.directory / catalog.CURRENT)
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        known, version = self._live
+        if key != known:
+            version = catalog.current_version(self.directory)
+            self._live = (key, version)  # one assignment: threads see the pair or the old
+        return version
+
+    def cached(self, version: int | None = None) -> CatalogView | None:
+        """The named (or live) version if it is already loaded; None if :meth:`get` must
+        load it, which takes long enough that the event loop hands it to a thread."""
+        return self._cached(self.live_version() if version is None else version)
 
     def get(self, version: int | None = None) -> CatalogView:
         """The named version, or the live one; loaded once and kept while recent."""
         if version is None:
-            version = catalog.current_version(self.directory)
+            version = self.live_version()
         view = self._cached(version)
         if view is not None:
             return view

@@ -92,6 +92,10 @@ class EventRow:
 
 
 class FeatureStore(Protocol):
+    # Whether a read may wait on the network: the front end then reads from a worker
+    # thread rather than on its event loop.
+    reads_wait: bool
+
     def ping(self) -> None:
         """Raises :class:`StoreUnavailable` unless the store answers now."""
         ...
@@ -179,6 +183,8 @@ def _history(rows: list[tuple]) -> History:
 
 class SQLiteFeatureStore:
     """The :class:`FeatureStore` in one SQLite file (WAL)."""
+
+    reads_wait = False  # a local file, and in WAL mode readers never wait on the writer
 
     def __init__(self, path: str | Path, timeout_s: float = 30.0) -> None:
         self.path, self.timeout_s = str(path), timeout_s  # how long a write waits for the lock

@@ -148,6 +148,8 @@ def _fields(rows: list[EventRow]) -> np.ndarray:
 class RedisFeatureStore:
     """The feature store on a Redis server (``redis://``, ``rediss://`` or ``unix://``)."""
 
+    reads_wait = True  # a round trip, up to ``timeout_s`` when Redis hangs
+
     def __init__(
         self,
         url: str,

@@ -4,7 +4,8 @@ Recommend, stage by stage (each timed into ``onerec_stage_latency_seconds``):
 
 1. admission: beyond ``max_inflight`` concurrent calls, RESOURCE_EXHAUSTED at once;
 2. validation of every field (INVALID_ARGUMENT naming the field);
-3. features: profile, last events, positive events (feature store, in a worker thread);
+3. features: profile, last events, positive events (a store whose reads wait on the
+   network, Redis, is read from a worker thread);
 4. lifelong: the cached or fresh k-means compression of the whole history;
 5. triton: the ``onerec`` ensemble, bounded by the caller's remaining deadline;
 6. catalog: SIDs -> items with the decoder's own catalog version, seen and excluded
@@ -111,7 +112,7 @@ class Unavailable(Exception):
 
 @dataclass(frozen=True)
 class Prepared:
-    """A Recommend's inputs to the model, read off the event loop."""
+    """A Recommend's inputs to the model."""
 
     view: CatalogView  # the live catalog when the request arrived
     built: Built | None  # None: the fallback answers, for ``fallback``'s reason
@@ -234,8 +235,17 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         excluded = np.array(
             [*request.exclude_item_ids, *(e.item_id for e in request.events)], dtype=str
         )
-        # One worker-thread hop for all the blocking reads before the model.
-        prep = await asyncio.to_thread(self._prepare, request.user_id, now_ms, inline, excluded)
+        try:
+            view = await self._view()
+        except (OSError, ValueError) as e:
+            raise Unavailable(f"no live catalog: {e}") from e
+        args = (view, request.user_id, now_ms, inline, excluded)
+        # Reads that may wait on the network (Redis) go to a worker thread. SQLite's run
+        # here: the two thread switches a hop costs outweigh the reads themselves.
+        if ctx.store.reads_wait:
+            prep = await asyncio.to_thread(self._prepare, *args)
+        else:
+            prep = self._prepare(*args)
         if prep.built is None or not self.model_ready:
             reason = prep.fallback or "model_unavailable"
             return await self._fallback(prep, reason, count, request.request_id)
@@ -259,28 +269,31 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         flops = request_flops(ctx.cfg, beam, pathways)
         started = time.perf_counter()
         try:
-            if by_reward:  # two hops around the reward model's call
-                found = await asyncio.to_thread(self._found, prep, decoded)
+            # The catalog that decoded them maps them; the mapping is a few vector
+            # operations, done here rather than paying for a thread hop.
+            found = self._found(prep, await self._view(decoded.catalog_version), decoded)
+            pscore, catalog_s = None, 0.0
+            if by_reward:
                 catalog_s = time.perf_counter() - started
                 pscore = await self._pscore(pathways, found, context)
                 if pscore is not None:
                     flops += ctx.reward.flops(len(found.rows), len(pathways["short_items"]))
                 started = time.perf_counter()
-                answer = await asyncio.to_thread(
-                    self._answer, prep, found, decoded.user, pscore, count
-                )
-            else:
-                catalog_s = 0.0
-                answer = await asyncio.to_thread(self._map, prep, decoded, count)
+            ids, scores, sids, ranking = self._answer(prep, found, decoded.user, pscore, count)
         except (OSError, ValueError) as e:  # the decoder's catalog version is unreadable
             log.error("catalog v%d unavailable: %s", decoded.catalog_version, e)
             return await self._fallback(prep, "model_unavailable", count, request.request_id)
         m.stage.labels("catalog").observe(catalog_s + time.perf_counter() - started)
-        ids, scores, sids, ranking = answer
         m.flops.inc(flops)
         m.window.add(flops)
         version = decoded.catalog_version  # the catalog that decoded and mapped them
         return self._response(ids, scores, sids, version, "", request.request_id, ranking)
+
+    async def _view(self, version: int | None = None) -> CatalogView:
+        """A catalog version (the live one by default): loaded already, after a stat, or
+        loaded now on a worker thread, as a publish's first request does."""
+        catalog = self.ctx.catalog
+        return catalog.cached(version) or await asyncio.to_thread(catalog.get, version)
 
     def _by_reward(self, ranking: int) -> bool:
         """Whether the reward model orders this answer: the request's choice, else the
@@ -314,13 +327,11 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         finally:
             m.stage.labels("reward").observe(time.perf_counter() - started)
 
-    def _prepare(self, user: str, now_ms: int, inline, excluded: np.ndarray) -> Prepared:
-        """Profile, the live catalog and the four pathways (blocking: a worker thread)."""
+    def _prepare(
+        self, view: CatalogView, user: str, now_ms: int, inline, excluded: np.ndarray
+    ) -> Prepared:
+        """Profile and the four pathways, with what the search must exclude."""
         ctx, m = self.ctx, self.ctx.metrics
-        try:
-            view = ctx.catalog.get()
-        except (OSError, ValueError) as e:
-            raise Unavailable(f"no live catalog: {e}") from e
         none = np.zeros(0, np.int64)
         if not self.store_ready:
             return Prepared(view, None, none, excluded, None, "feature_store_unavailable")
@@ -344,15 +355,10 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         avoid = np.concatenate([view.rows_of(excluded), view.rows_of_model(built.seen)])
         return Prepared(view, built, built.seen, excluded, view.exclusion_sids(avoid))
 
-    def _map(self, prep: Prepared, decoded, count: int):
-        """Decoded SIDs -> the answer in the generator's order (one thread hop)."""
-        return self._answer(prep, self._found(prep, decoded), decoded.user, None, count)
-
-    def _found(self, prep: Prepared, decoded) -> Found:
-        """Decoded SIDs -> the allowed items they reach, in the decoder's own catalog
-        version, less any the live catalog has removed since."""
+    def _found(self, prep: Prepared, answer: CatalogView, decoded) -> Found:
+        """Decoded SIDs -> the allowed items they reach in ``answer``, the decoder's own
+        catalog version, less any the live catalog has removed since."""
         m, view = self.ctx.metrics, prep.view
-        answer = self.ctx.catalog.get(decoded.catalog_version)
         rows, logp, illegal = answer.candidates(
             decoded.sids, decoded.scores, prep.seen, prep.excluded
         )
