@@ -31,13 +31,14 @@ class OpenTrie:
     def __init__(self, levels: int, codebook_size: int) -> None:
         self.levels, self.codebook_size = levels, codebook_size
 
-    def allowed(self, level: int, prefix_ids: np.ndarray) -> np.ndarray:
-        live = np.asarray(prefix_ids) >= 0
-        return np.broadcast_to(live[..., None], (*live.shape, self.codebook_size)).copy()
-
-    def advance(self, level: int, prefix_ids: np.ndarray, codes: np.ndarray) -> np.ndarray:
-        prefix_ids = np.asarray(prefix_ids)
-        return np.where(prefix_ids >= 0, prefix_ids * self.codebook_size + codes, -1)
+    def edges(
+        self, level: int, prefix_ids: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`SIDTrie.edges`: every code out of every live prefix."""
+        flat = np.asarray(prefix_ids, dtype=np.int64).ravel()
+        row = np.repeat(np.flatnonzero(flat >= 0), self.codebook_size)
+        code = np.tile(np.arange(self.codebook_size), len(row) // self.codebook_size)
+        return row, flat[row] * self.codebook_size + code, code
 
 
 @torch.no_grad()

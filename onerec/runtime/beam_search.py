@@ -1,9 +1,9 @@
 """Trie-constrained beam search over semantic IDs, in numpy for reuse in a Triton backend.
 
 The decoder emits a SID one level at a time. At every level each live beam may only take
-a code that the :class:`~onerec.runtime.trie.SIDTrie` allows after its prefix: illegal codes are set
-to -inf *before* the top-k, so whatever the model's scores and at any beam width, every
-returned SID is one that a real item carries.
+a code that the :class:`~onerec.runtime.trie.SIDTrie` allows after its prefix: only the
+trie's edges become candidates for the top-k, so whatever the model's scores and at any
+beam width, every returned SID is one that a real item carries.
 
 **Step function.** ``step_fn(tokens, parents)`` maps the (B, W, t) int64 codes decoded so
 far (t = 0 at the first level) to (B, W, K) float32 log-probabilities of the next code.
@@ -11,10 +11,11 @@ far (t = 0 at the first level) to (B, W, K) float32 log-probabilities of the nex
 first level): the real decoder keeps each beam's self-attention K/V and gathers them by
 it, so no level recomputes earlier positions.
 
-**Vectorisation.** Per level, the Python work is constant in B and W: one mask from the
-trie's CSR, one ``np.argpartition`` over the (B, W * K) candidates, a sort of the W
-survivors. Only the L levels are looped over. Columns holding only dead beams are left
-out of the candidates, so the first level ranks K codes, not W * K.
+**Vectorisation.** Per level, the Python work is constant in B and W: the live beams'
+edges from the trie's CSR (only legal codes become candidates: past the first level a
+prefix has a handful of children, not K), one ``np.argpartition`` over each request's
+candidates, a sort of the W survivors. Only the L levels are looped over. Columns holding
+only dead beams have no edges, so the first level ranks K codes, not W * K.
 
 **Dead beams.** Before level 0 each request has one live beam at the root and W - 1 dead
 ones (score -inf, prefix -1), so level 0 takes the top min(W, legal) distinct root codes
@@ -83,30 +84,35 @@ def _top_k(x: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(idx, order, axis=1)
 
 
-def _forbid_excluded(
-    legal: np.ndarray, prefix: np.ndarray, exclude: np.ndarray, trie: SIDTrie
-) -> None:
-    """Clear, in place, the last-level codes of ``legal`` (B, W, K) that would complete a
-    SID in the request's ``exclude`` row (B, E)."""
-    level = trie.levels - 1
+def _candidates(
+    logp: np.ndarray, scores: np.ndarray, prefix: np.ndarray, level: int, trie: SIDTrie
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every legal extension of each request's live beams ``prefix`` (B, live), left-packed
+    into (B, M) rows in ``beam * K + code`` order: its path score (-inf padding), the
+    child it reaches (a prefix id at the next level, a leaf id at the last) and its flat
+    index ``beam * K + code``. Only the trie's edges are scored, not all ``live * K``
+    codes: past the first level most codes are illegal."""
+    n_req, live = prefix.shape
+    row, child, code = trie.edges(level, prefix)
+    req, beam = np.divmod(row, live)
+    value = np.fmax(logp[req, beam, code], LOGP_FLOOR) + scores[req, beam]  # -inf, NaN: floor
+    counts = np.bincount(req, minlength=n_req)
+    width = max(1, int(counts.max(initial=0)))
+    col = np.arange(len(req)) - np.repeat(np.cumsum(counts) - counts, counts)
+    cand = np.full((n_req, width), -np.inf, np.float32)
+    cand[req, col] = value
+    children = np.full((n_req, width), -1, np.int64)
+    children[req, col] = child
+    flat = np.zeros((n_req, width), np.int64)  # padding: beam 0, code 0, dead anyway
+    flat[req, col] = beam * trie.codebook_size + code
+    return cand, children, flat
+
+
+def _excluded(leaves: np.ndarray, exclude: np.ndarray, n_leaves: int) -> np.ndarray:
+    """Mask over ``leaves`` (B, M): the leaf is in request b's ``exclude`` row (B, E)."""
     b, j = np.nonzero(exclude >= 0)
-    if not b.size:
-        return
-    leaf = exclude[b, j]  # (X,)
-    owner = trie.parent(level, leaf)  # (X,) the excluded SID's last-level prefix
-    code = trie.sids[leaf, level]
-    # Join on (request, prefix). A request's beams hold distinct prefixes, so each excluded
-    # SID matches at most one beam.
-    n = trie.num_prefixes(level)
-    n_beams = prefix.shape[1]
-    beam_key = np.where(prefix >= 0, np.arange(len(prefix))[:, None] * n + prefix, -1).ravel()
-    order = np.argsort(beam_key, kind="stable")  # (B * W,)
-    sorted_keys = beam_key[order]
-    want = b * n + owner
-    pos = np.minimum(np.searchsorted(sorted_keys, want), len(sorted_keys) - 1)
-    hit = sorted_keys[pos] == want
-    rows, beams = np.divmod(order[pos[hit]], n_beams)
-    legal[rows, beams, code[hit]] = False
+    rows = np.arange(len(leaves))[:, None]
+    return np.isin(rows * n_leaves + leaves, b * n_leaves + exclude[b, j]) & (leaves >= 0)
 
 
 def _check_exclude(exclude: np.ndarray | None, batch_size: int, trie: SIDTrie) -> np.ndarray:
@@ -167,26 +173,21 @@ def constrained_beam_search(
         # Dead beams are a suffix of every row (beams are sorted), so only the first `live`
         # columns can extend: at level 0 that is one beam, not W.
         live = max(1, int(alive.sum(axis=1).max(initial=0)))
-        legal = trie.allowed(level, prefix[:, :live])  # (B, live, K)
-        if level == trie.levels - 1:
-            _forbid_excluded(legal, prefix[:, :live], exclude, trie)
-        cand = np.fmax(logp[:, :live], LOGP_FLOOR)  # (B, live, K); -inf, NaN -> the floor
-        with np.errstate(invalid="ignore"):  # a dead beam's -inf plus +inf: NaN, masked next
-            cand += scores[:, :live, None]
-        cand = np.where(legal, cand, np.float32(-np.inf)).reshape(n_req, live * k)
         last = level == trie.levels - 1
         keep, cap = (width * final_expand, widths * final_expand) if last else (width, widths)
-        flat = _top_k(cand, min(keep, live * k))  # (B, <= W') best first
-        scores = np.take_along_axis(cand, flat, axis=1)
-        pad = ((0, 0), (0, keep - flat.shape[1]))  # fewer candidates than beams: dead ones
-        flat = np.pad(flat, pad)  # (B, W')
+        cand, child, flat = _candidates(logp, scores, prefix[:, :live], level, trie)
+        if last and exclude.size:  # a last-level child is a leaf: drop excluded ones
+            cand[_excluded(child, exclude, len(trie))] = -np.inf
+        pick = _top_k(cand, min(keep, cand.shape[1]))  # (B, <= W') best first
+        scores = np.take_along_axis(cand, pick, axis=1)
+        pad = ((0, 0), (0, keep - pick.shape[1]))  # fewer candidates than beams: dead ones
         scores = np.pad(scores, pad, constant_values=-np.inf)  # (B, W')
         scores[np.arange(keep) >= cap[:, None]] = -np.inf  # beyond a request's own width
         alive = scores > -np.inf
+        flat = np.pad(np.take_along_axis(flat, pick, axis=1), pad)  # (B, W')
         beam, code = np.divmod(flat, k)  # (B, W) parent beam and new code
-        prefix = np.where(alive, trie.advance(level, prefix[rows, beam], code), -1)
-        if (prefix[alive] < 0).any():  # the mask and the step read the same CSR
-            raise RuntimeError(f"a legal step left the trie at level {level}")
+        child = np.pad(np.take_along_axis(child, pick, axis=1), pad)
+        prefix = np.where(alive, child, -1)
         tokens = np.concatenate([tokens[rows, beam], code[..., None]], axis=2)  # (B, W, t+1)
         parents = beam
     return BeamResult(np.where(alive[..., None], tokens, -1), scores, alive)

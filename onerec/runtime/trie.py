@@ -137,7 +137,20 @@ class SIDTrie:
         A negative prefix id (a dead beam) has no legal code.
         """
         prefix_ids = np.asarray(prefix_ids, dtype=np.int64)
-        flat = prefix_ids.ravel()  # (P,)
+        row, _, code = self.edges(level, prefix_ids)
+        out = np.zeros((prefix_ids.size, self._k), dtype=bool)  # (P, K)
+        out.ravel()[row * self._k + code] = True
+        return out.reshape(*prefix_ids.shape, self._k)
+
+    def edges(
+        self, level: int, prefix_ids: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every legal step out of the level-``level`` prefixes ``prefix_ids`` (flattened to
+        P), as ``(row, child, code)``: taking ``code`` extends prefix
+        ``prefix_ids.flat[row]`` to ``child``, a prefix id at the next level (a leaf id at
+        the last). Rows ascend, and a prefix's steps come in code order. A negative prefix
+        id (a dead beam) has none."""
+        flat = np.asarray(prefix_ids, dtype=np.int64).ravel()  # (P,)
         offsets = self._offsets[level]
         if flat.size and flat.max() >= len(offsets) - 1:
             raise ValueError(f"prefix id {flat.max()} out of range at level {level}")
@@ -148,9 +161,7 @@ class SIDTrie:
         # Edge j of the output belongs to prefix `row` and is its (j - ends[row-1])-th child.
         row = np.repeat(np.arange(len(flat)), count)  # (sum(count),)
         edge = np.arange(ends[-1] if len(ends) else 0) + np.repeat(start - (ends - count), count)
-        out = np.zeros((len(flat), self._k), dtype=bool)  # (P, K)
-        out.ravel()[row * self._k + self._codes[level][edge]] = True
-        return out.reshape(*prefix_ids.shape, self._k)
+        return row, edge, self._codes[level][edge]
 
     def advance(self, level: int, prefix_ids: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """Child of each (prefix, code) pair: a level ``level + 1`` prefix id, or a leaf id at
