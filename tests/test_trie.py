@@ -106,6 +106,7 @@ def test_empty_catalog_allows_nothing() -> None:
         (np.array([[0, -1]]), 4),  # negative code
         (np.array([[0.0, 1.0]]), 4),  # not integer
         (np.array([[0, 1]]), 0),  # no codebook
+        (np.zeros((1, 8), np.int64), 256),  # 256^8 SIDs overflow the int64 leaf key
     ],
 )
 def test_from_codes_rejects_bad_input(codes: np.ndarray, k: int) -> None:

@@ -18,6 +18,9 @@ Because prefixes are numbered lexicographically, the child reached by edge ``e``
 ``e`` at level ``l + 1`` (``P_{l+1} = E_l``), and at the last level edge ``e`` is leaf
 ``e``: the child ids need no array of their own.
 
+**Leaves.** ``leaf_of`` reads a whole SID as one base-K number and finds it among the
+sorted leaves' numbers with a single ``np.searchsorted``; K^L must fit an int64.
+
 **Why CSR.** A dense (prefixes x K) table of allowed codes or child ids is simple, but at
 the last level there are up to N prefixes, so it costs N x K x 4 bytes (10M items x 256
 codes = 10 GB). The CSR holds one edge per distinct prefix, O(N) over all levels, and
@@ -80,7 +83,12 @@ class SIDTrie:
             raise ValueError("SIDs must be unique and sorted lexicographically")
 
         self._k = int(codebook_size)
+        if self._k ** sids.shape[1] > np.iinfo(np.int64).max:
+            raise ValueError(f"{self._k}^{sids.shape[1]} SIDs do not fit the int64 leaf key")
         self._sids = _frozen(sids)
+        # A SID read as a base-K number: sorted like the SIDs, so the leaf ids' keys ascend.
+        self._place = _frozen(self._k ** np.arange(sids.shape[1] - 1, -1, -1, dtype=np.int64))
+        self._leaf_keys = _frozen(sids @ self._place)
         self._offsets: list[np.ndarray] = []
         self._codes: list[np.ndarray] = []
         self._keys: list[np.ndarray] = []
@@ -191,10 +199,12 @@ class SIDTrie:
         sids = np.asarray(sids)
         if sids.ndim != 2 or sids.shape[1] != self.levels:
             raise ValueError(f"expected (M, {self.levels}) SIDs, got {sids.shape}")
-        node = np.zeros(len(sids), np.int64)  # all at the root
-        for level in range(self.levels):
-            node = self.advance(level, node, sids[:, level])
-        return node
+        ok = ((sids >= 0) & (sids < self._k)).all(axis=1)  # else a key could alias a SID
+        if not len(self) or not len(sids):
+            return np.full(len(sids), -1, np.int64)
+        key = np.where(ok, sids.astype(np.int64, copy=False) @ self._place, -1)
+        pos = np.minimum(np.searchsorted(self._leaf_keys, key), len(self) - 1)
+        return np.where(ok & (self._leaf_keys[pos] == key), pos, -1)
 
     def contains(self, sids: np.ndarray) -> np.ndarray:
         """(M,) whether each of the (M, L) SIDs belongs to the catalog."""
