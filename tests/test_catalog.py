@@ -9,6 +9,7 @@ import numpy as np
 
 from onerec.runtime import catalog
 from onerec.runtime.catalog import ItemSIDs, collision_ranks
+from server.catalog import CatalogReader
 
 
 def _items(n: int = 40, k: int = 8) -> ItemSIDs:
@@ -66,3 +67,19 @@ def test_trie_watcher_keeps_serving_through_a_broken_version(tmp_path, monkeypat
     assert len(loads) == 1
     assert catalog.publish(tmp_path, smaller, 8) == 3  # a good version replaces it
     assert watcher.get()[0] == 3
+
+
+def test_the_front_ends_reader_sees_a_publish_at_once(tmp_path) -> None:
+    """The reader stats ``CURRENT`` instead of reading it per request; a publish (a new
+    file renamed over it) must still be the very next request's live version."""
+    items = _items()
+    catalog.publish(tmp_path, items, 8)
+    reader = CatalogReader(tmp_path, {f"i{i}": i for i in range(40)}, np.zeros((42, 2)))
+    assert reader.cached() is None  # nothing loaded yet: the caller loads it off the loop
+    first = reader.get()
+    assert first.version == 1 and reader.cached() is first
+    catalog.publish(tmp_path, catalog.with_changes(items, remove_ids=["i0"]), 8)
+    assert reader.live_version() == 2 and reader.cached() is None
+    second = reader.get()
+    assert second.version == 2 and "i0" not in second.row_by_id
+    assert reader.cached() is second and reader.cached(1) is first  # kept while recent
