@@ -240,6 +240,8 @@ def test_exclude_leaves_pads_and_deduplicates() -> None:
     out = exclude_leaves(trie, [np.array([[1, 1], [0, 0], [1, 1]]), np.array([[1, 0]])])
     assert out.tolist() == [[0, 2, -1], [-1, -1, -1]]
     assert exclude_leaves(trie, []).shape == (0, 0)
+    padded = exclude_leaves(trie, [np.array([[0, 1], [-1, -1], [-1, 1]])])  # a client's padding
+    assert padded.tolist() == [[1, -1, -1]]
 
 
 def test_bad_exclude_is_rejected() -> None:

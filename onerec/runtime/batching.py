@@ -249,7 +249,7 @@ def decode_batch(
         len(keep),
         widths,
         trie,
-        exclude=exclude_leaves(trie, [e[(e >= 0).all(axis=1)] for e in excluded]),
+        exclude=exclude_leaves(trie, excluded),  # -1 padding maps to no leaf and is dropped
         final_expand=int(np.max(-(-counts // widths))),  # ceil: every row gets its count
     )
     out, start = [], 0
