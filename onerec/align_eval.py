@@ -46,6 +46,7 @@ from onerec.data.schema import Dataset
 from onerec.evaluate import Candidates, candidates, served_ranking
 from onerec.event_arrays import EventArrays
 from onerec.experiment import (
+    CHECKPOINT,
     load_checkpoint,
     load_item_tables,
     load_model,
@@ -187,9 +188,15 @@ def fit_served_blend(
     decoder = Decoder(ds, item_tables, index, reward, exposures, events, 128)
     validation = validation_split(ds, test_events(artifacts), max_users)
     blend, objective = fit_blend(decoder, model, validation)
+    _store_blend(artifacts, blend, objective, generator)
+    return blend
+
+
+def _store_blend(artifacts: Path, blend: float, objective: dict, generator: str) -> None:
+    """``model/reward_blend.json``: the blend, its objective per candidate, and the
+    generator it was fitted for (a build reuses it only for that generator)."""
     record = {"blend": blend, "objective": objective, "generator": generator}
     (artifacts / "model" / BLEND_FILE).write_text(json.dumps(record, indent=2))
-    return blend
 
 
 def keep_head(head: np.ndarray, fill: np.ndarray, m: int) -> np.ndarray:
@@ -295,9 +302,7 @@ def evaluate_alignment(
     objective: dict[str, float] = {}
     if blend is None:
         blend, objective = fit_blend(decoder, ntp, validation_split(ds, test_events(artifacts)))
-        (artifacts / "model" / BLEND_FILE).write_text(
-            json.dumps({"blend": blend, "objective": objective}, indent=2)
-        )
+        _store_blend(artifacts, blend, objective, CHECKPOINT)  # ntp is checkpoint.pt
         say(f"blend {blend} fitted on validation events")
 
     rng = np.random.default_rng(seed)
