@@ -34,6 +34,8 @@ from onerec.runtime.config import N_FLAGS
 from onerec.runtime.pathways import PATHWAY_INPUTS
 
 OPSET = 17
+# ONNX Runtime's contrib domain, for the fused key-padded attention (onerec.model).
+CUSTOM_OPSETS = {"com.microsoft": 1}
 
 
 def kv_names(model: OneRec) -> list[str]:
@@ -123,6 +125,7 @@ def export(model: OneRec, out: str | Path) -> list[Path]:
             dynamic_axes=dynamic,
             opset_version=OPSET,
             dynamo=False,
+            custom_opsets=CUSTOM_OPSETS,
         )
         keep, *flat, _ = encoder(*pathways)
         past: list[torch.Tensor] = []
@@ -148,6 +151,7 @@ def export(model: OneRec, out: str | Path) -> list[Path]:
                 dynamic_axes={k: v for k, v in axes.items() if k in in_names + out_names},
                 opset_version=OPSET,
                 dynamo=False,
+                custom_opsets=CUSTOM_OPSETS,
             )
             paths.append(path)
             # The next level's example cache: this level's, for 3 beams.

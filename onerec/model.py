@@ -39,6 +39,46 @@ from onerec.runtime.config import (
 )
 
 
+class _FusedKeyPaddedAttention(torch.autograd.Function):
+    """Attention under a key-padding mask, exported as ONNX Runtime's fused
+    ``com.microsoft::MultiHeadAttention``: one kernel instead of the score matmul, bias
+    Add, Softmax and value matmul, each a pass over (queries x keys) scores that do not fit
+    in cache at serving shapes. Torch runs the same maths (the parity tests compare them).
+
+    q (B, Nq, h * dh), k and v (B, h, T, dh), keep (B, T) int32 with 1 = attend; every
+    row must keep a key, as every caller's mask does: the two disagree on an all-masked row.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: object,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        keep: torch.Tensor,
+        heads: int,
+    ) -> torch.Tensor:
+        b, n, d = q.shape
+        q = q.view(b, n, heads, d // heads).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :].bool())
+        return y.transpose(1, 2).reshape(b, n, d)
+
+    @staticmethod
+    def symbolic(
+        g: torch.Graph,
+        q: torch.Value,
+        k: torch.Value,
+        v: torch.Value,
+        keep: torch.Value,
+        heads: int,
+    ) -> torch.Value:
+        no_bias = g.op("prim::Constant")  # an omitted optional input
+        no_bias.setType(torch._C.OptionalType.ofTensor())
+        y = g.op("com.microsoft::MultiHeadAttention", q, k, v, no_bias, keep, num_heads_i=heads)
+        y.setType(q.type())
+        return y
+
+
 class Attention(nn.Module):
     """Multi-head attention; keys/values may come precomputed (shared across beams)."""
 
@@ -65,7 +105,17 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         k, v = kv
         # Queries of W beams share one user's keys: fold beams into the query length.
-        q = self.q(x).view(k.shape[0], -1, self.h, self.dh).transpose(1, 2)  # (Bk, h, W*t, dh)
+        q = self.q(x).view(k.shape[0], -1, self.h * self.dh)  # (Bk, W*t, d)
+        if (
+            torch.onnx.is_in_onnx_export()
+            and mask is not None
+            and not causal
+            and mask.shape[1:3] == (1, 1)
+        ):
+            keep = mask[:, 0, 0].to(torch.int32)  # (Bk, T) key padding
+            y = _FusedKeyPaddedAttention.apply(q, k, v, keep, self.h)
+            return self.out(y.reshape(b, t, -1))
+        q = q.view(k.shape[0], -1, self.h, self.dh).transpose(1, 2)  # (Bk, h, W*t, dh)
         if self.training and torch.is_grad_enabled():
             # Training only: the fused kernel skips the (Nq, T) score round trips through
             # memory that dominate a CPU step. Same maths as the path below.
@@ -77,8 +127,9 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=mask, dropout_p=self.drop.p if self.drop.p else 0.0
             )
             return self.out(y.transpose(1, 2).reshape(b, t, -1))
-        # Inference: plain matmuls rather than SDPA. They export to ONNX as-is and the FLOP
-        # counter sees them (CPU SDPA kernels are invisible to it).
+        # Inference: plain matmuls rather than SDPA. The FLOP counter sees them (CPU SDPA
+        # kernels are invisible to it), and they export as-is where the mask is no key
+        # padding.
         scores = (q * (1.0 / math.sqrt(self.dh))) @ k.transpose(-2, -1)  # (Bk, h, Nq, T)
         if mask is not None:
             # An additive bias built at the mask's own (small) shape: the same -inf where

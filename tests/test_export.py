@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
+import onnx as onnx_ir
 import pytest
 import torch
 
@@ -43,7 +46,7 @@ def exported(tmp_path_factory):
     ).eval()
     out = tmp_path_factory.mktemp("onnx")
     export(model, out)
-    return model, OnnxOneRec(out, threads=1)
+    return model, OnnxOneRec(out, threads=1), out
 
 
 def _pathways(b: int, s: int, p: int, life: int, seed: int) -> dict[str, np.ndarray]:
@@ -66,7 +69,7 @@ def _pathways(b: int, s: int, p: int, life: int, seed: int) -> dict[str, np.ndar
 
 @pytest.mark.parametrize(("b", "s", "p", "life"), [(1, 20, 64, 200), (5, 7, 13, 150)])
 def test_encoder_and_steps_match_torch(exported, b: int, s: int, p: int, life: int) -> None:
-    model, onnx = exported
+    model, onnx, _ = exported
     inputs = _pathways(b, s, p, life, seed=b)
     keep, kv, user = onnx.encode(inputs)
     with torch.no_grad():
@@ -96,7 +99,7 @@ def test_encoder_and_steps_match_torch(exported, b: int, s: int, p: int, life: i
 
 
 def test_beam_search_top10_matches_torch(exported) -> None:
-    model, onnx = exported
+    model, onnx, _ = exported
     sids = np.random.default_rng(1).integers(0, CFG.codebook_size, (300, CFG.sid_levels))
     trie = SIDTrie.from_codes(sids, CFG.codebook_size)
     inputs = _pathways(3, 20, 64, 200, seed=9)
@@ -116,7 +119,7 @@ def test_beam_search_top10_matches_torch(exported) -> None:
 
 def test_parity_report_measures_what_the_tests_assert(exported) -> None:
     """The numbers `onerec export` and `onerec build` print, on two requests."""
-    model, onnx = exported
+    model, onnx, _ = exported
     sids = np.random.default_rng(2).integers(0, CFG.codebook_size, (300, CFG.sid_levels))
     trie = SIDTrie.from_codes(sids, CFG.codebook_size)
     inputs = _pathways(2, 20, 64, 200, seed=4)
@@ -127,3 +130,20 @@ def test_parity_report_measures_what_the_tests_assert(exported) -> None:
     assert 0 <= p.cache_max_abs <= 1e-4
     assert 0 <= p.user_max_abs <= 1e-4
     assert "top-10 identical for 2/2" in str(p)
+
+
+def test_key_padded_attention_is_one_fused_kernel(exported) -> None:
+    """The QFormer's, the encoder's and the decoder's cross-attention run as ONNX Runtime's
+    fused MultiHeadAttention (the parity tests above hold with it); the decoder's
+    self-attention, which has no mask, stays plain."""
+    _, _, out = exported
+
+    def ops(name: str) -> Counter:
+        return Counter(n.op_type for n in onnx_ir.load(out / f"{name}.onnx").graph.node)
+
+    encoder = ops("encoder")
+    assert encoder["MultiHeadAttention"] == CFG.qformer_blocks + CFG.encoder_layers
+    for level in range(CFG.sid_levels):
+        step = ops(f"decoder_step_{level}")
+        assert step["MultiHeadAttention"] == CFG.decoder_layers
+        assert step["Softmax"] == CFG.decoder_layers  # the self-attention's
