@@ -13,8 +13,8 @@ over gRPC:
 * **half-peak**: an open loop paced at half the best QPS, latency counted from each
   request's scheduled send time (no coordinated omission);
 * **beam sweep**: 64..512 beams at a fixed concurrency;
-* **lifelong sweep**: users with about 100..100,000 events: first call (compression) and
-  warm calls (cached);
+* **lifelong sweep**: users with about 100..100,000 events, at concurrency 1: each one's
+  first call, then warm calls interleaved across the users;
 * **reward selection**: at beam 128, concurrency 1 and the peak, the generator's order
   beside the reward model's: QPS, p50/p99, and the reward stage's latency and share of
   the model time;
@@ -505,6 +505,37 @@ def store_sweep(stack: Stack, users, flops_of, clients: list[int], seconds: floa
     return {"rows": rows, "log_events": writes}
 
 
+def lifelong_sweep(
+    stub: pb_grpc.RecommenderStub, users: dict[int, str], lengths: pd.Series, requests: int
+) -> list[dict]:
+    """One user per history length, at concurrency 1: the first call, then ``requests``
+    warm ones taken in turns across the users, so that a slow spell of the shared machine
+    lands on every length alike (a p99 needs on the order of 100 calls to be more than the
+    slowest one)."""
+
+    def call(user: str) -> float:
+        started = time.perf_counter()
+        request = pb.RecommendRequest(user_id=user, ranking=pb.RANKING_GENERATION)
+        stub.Recommend(request, timeout=60)
+        return (time.perf_counter() - started) * 1000
+
+    first = {n: call(user) for n, user in users.items()}
+    warm: dict[int, list[float]] = {n: [] for n in users}
+    for _ in range(requests):
+        for n, user in users.items():
+            warm[n].append(call(user))
+    return [
+        {
+            "history": n,
+            "user_history": int(lengths[user]),
+            "first_call_ms": first[n],
+            "p50_ms": float(np.percentile(warm[n], 50)),
+            "p99_ms": float(np.percentile(warm[n], 99)),
+        }
+        for n, user in users.items()
+    ]
+
+
 def reward_selection(stack: Stack, users, flops_of, clients: list[int], seconds: float) -> dict:
     """Reward selection's cost: at beam 128, per concurrency, the generator's order and
     the reward model's, one after the other on the same stack. The reward model's share
@@ -719,6 +750,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=_ints, default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--beams", type=_ints, default=[64, 128, 256, 512])
     p.add_argument("--histories", type=_ints, default=[100, 1_000, 10_000, 100_000])
+    p.add_argument("--lifelong-requests", type=int, default=200, help="warm calls per user")
     p.add_argument("--delays", type=_ints, default=[0, 2_000, 10_000], help="µs")
     p.add_argument("--seconds", type=float, default=12.0, help="per level (>= 10: QPS window)")
     p.add_argument("--beam-concurrency", type=int, default=8)
@@ -803,25 +835,9 @@ def main(argv: list[str] | None = None) -> int:
             row |= {f"c1_{k}": v for k, v in _row(alone, peak).items() if k.endswith("_ms")}
             report["beam_sweep"].append(row)
             print(f"beam {beam}: {row['qps']:.1f} QPS, p99 alone {row['c1_p99_ms']:.1f} ms")
-        for n, user in lifelong_users.items():
-            started = time.perf_counter()
-            stack.stub.Recommend(pb.RecommendRequest(user_id=user), timeout=60)
-            first = time.perf_counter() - started
-            lat = []
-            for _ in range(20):
-                started = time.perf_counter()
-                stack.stub.Recommend(pb.RecommendRequest(user_id=user), timeout=60)
-                lat.append(time.perf_counter() - started)
-            ms = np.array(lat) * 1000
-            report["lifelong_sweep"].append(
-                {
-                    "history": n,
-                    "user_history": int(lengths[user]),
-                    "first_call_ms": first * 1000,
-                    "p50_ms": float(np.percentile(ms, 50)),
-                    "p99_ms": float(np.percentile(ms, 99)),
-                }
-            )
+        report["lifelong_sweep"] = lifelong_sweep(
+            stack.stub, lifelong_users, lengths, args.lifelong_requests
+        )
         report["reward_selection"] = reward_selection(
             stack, users, flops_of, sorted({1, best["concurrency"]}), args.seconds
         )
