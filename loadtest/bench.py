@@ -751,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beams", type=_ints, default=[64, 128, 256, 512])
     p.add_argument("--histories", type=_ints, default=[100, 1_000, 10_000, 100_000])
     p.add_argument("--lifelong-requests", type=int, default=200, help="warm calls per user")
-    p.add_argument("--delays", type=_ints, default=[0, 2_000, 10_000], help="µs")
+    p.add_argument("--delays", type=_ints, default=[0, 500, 2_000, 10_000], help="µs")
     p.add_argument("--seconds", type=float, default=12.0, help="per level (>= 10: QPS window)")
     p.add_argument("--beam-concurrency", type=int, default=8)
     p.add_argument("--baseline-requests", type=int, default=300)
