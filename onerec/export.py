@@ -16,7 +16,10 @@
   nor cache (all beams share BOS) and returns (B, 1, K).
 
 The legacy TorchScript exporter is used (``dynamo=False``): the dynamo exporter needs
-``onnxscript``, which the serving images do not carry.
+``onnxscript``, which the serving images do not carry. Attention under a key-padding mask
+exports as ONNX Runtime's contrib ``com.microsoft::MultiHeadAttention``
+(:class:`onerec.model.Attention`), so the graphs are for ONNX Runtime (the tests run its
+CPU provider).
 """
 
 from __future__ import annotations
