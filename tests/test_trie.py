@@ -66,12 +66,16 @@ def test_trie_agrees_with_brute_force(n: int, levels: int, k: int, seed: int) ->
             assert np.flatnonzero(mask[row]).tolist() == [
                 c for c in range(k) if (*prefix, c) in ids[level + 1]
             ]
-        children = np.arange(-1, len(prefixes[level + 1]) + 1)
-        expected_parent = [
-            ids[level][prefixes[level + 1][c][:-1]] if 0 <= c < len(prefixes[level + 1]) else -1
-            for c in children.tolist()
+        # Every step out of each queried prefix, rows ascending and codes in order: each
+        # child of the next level appears once, under its parent.
+        steps = list(zip(*(a.tolist() for a in trie.edges(level, query)), strict=True))
+        assert steps == [
+            (row, ids[level + 1][(*prefixes[level][pid], c)], c)
+            for row, pid in enumerate(query.tolist())
+            if pid >= 0
+            for c in range(k)
+            if (*prefixes[level][pid], c) in ids[level + 1]
         ]
-        assert trie.parent(level, children).tolist() == expected_parent
 
     rng = np.random.default_rng(seed)
     queries = np.concatenate([codes, rng.integers(-1, k + 1, size=(100, levels))])

@@ -186,14 +186,6 @@ class SIDTrie:
         pos = np.minimum(np.searchsorted(keys, key), len(keys) - 1)
         return np.where(ok & (keys[pos] == key), pos, -1)
 
-    def parent(self, level: int, child_ids: np.ndarray) -> np.ndarray:
-        """The level-``level`` prefix that owns each edge ``child_ids`` (a level ``level + 1``
-        prefix id, or a leaf id at the last level); -1 for ids out of range."""
-        child_ids = np.asarray(child_ids, dtype=np.int64)
-        offsets = self._offsets[level]
-        ok = (child_ids >= 0) & (child_ids < offsets[-1])
-        return np.where(ok, np.searchsorted(offsets, child_ids, side="right") - 1, -1)
-
     def leaf_of(self, sids: np.ndarray) -> np.ndarray:
         """(M,) leaf id of each of the (M, L) SIDs; -1 for a SID that no item carries."""
         sids = np.asarray(sids)
